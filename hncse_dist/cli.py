@@ -1,0 +1,127 @@
+"""hncse-dist command line: train, eval, shards, export, report."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+TRAIN_HELP = """\
+Train a sentence encoder with SimCSE / HNCSE.
+
+  hncse-dist train --config configs/quickstart.yaml
+  hncse-dist train --config configs/quickstart.yaml objective=simcse max_steps=100
+  hncse-dist train --config configs/quickstart.yaml --nproc-per-node 2      # 2 processes (torchrun)
+  hncse-dist train --config configs/bert-base-unsup.yaml deepspeed=ds_configs/zero2.json
+  hncse-dist train --config configs/quickstart.yaml resume=latest           # continue a run
+
+Any config key can be overridden as key=value (YAML syntax: 1e-5, true, null).
+Objectives: simcse | pm (positive mixing) | hnm (hard negative mixing) | hncse (both).
+List every key with its default: hncse-dist train --help-config
+Exit codes: 0 done, 2 bad configuration, 75 checkpointed after SIGTERM/SIGUSR1 (requeue).
+"""
+
+
+def _train(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="hncse-dist train", description=TRAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", help="YAML config file (keys as in --help-config)")
+    parser.add_argument("--nproc-per-node", type=int, default=0,
+                        help="start N local processes with torchrun (CPU: gloo, GPU: one per device)")
+    parser.add_argument("--help-config", action="store_true", help="list every config key with its default")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    from .config import CONFIG_KEYS, ConfigError, TrainConfig, load_config
+
+    if args.help_config:
+        defaults = TrainConfig()
+        for key in CONFIG_KEYS:
+            print(f"{key} = {getattr(defaults, key)!r}")
+        return 0
+    try:
+        cfg = load_config(args.config, args.overrides).validate()
+    except ConfigError as err:
+        print(f"hncse-dist train: error: {err}", file=sys.stderr)
+        return 2
+    if args.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
+        return _relaunch_with_torchrun(args.nproc_per_node, argv)
+    from .train import train
+
+    try:
+        return train(cfg)
+    except ConfigError as err:
+        print(f"hncse-dist train: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_port", str(_free_port()),
+           "-m", "hncse_dist.cli", "train", *argv]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    return subprocess.call(cmd, env=env)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _export(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="hncse-dist export",
+        description="Write a checkpoint or model folder as a transformers.AutoModel + SentenceTransformer folder.",
+    )
+    parser.add_argument("source", help="a model folder, or a checkpoint folder (runs/x/checkpoints/step-...)")
+    parser.add_argument("output", help="destination folder")
+    parser.add_argument("--pooler", default=None, help="override the pooler recorded with the model")
+    args = parser.parse_args(argv)
+    from .export import export_any
+
+    try:
+        export_any(args.source, args.output, pooler=args.pooler)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"hncse-dist export: error: {err}", file=sys.stderr)
+        return 2
+    print(f"exported to {args.output}")
+    return 0
+
+
+COMMANDS = {
+    "train": ("train an encoder (SimCSE / PM / HNM / HNCSE)", _train),
+    "eval": ("STS suite and SentEval transfer tasks", lambda a: _lazy("hncse_dist.eval.run", "eval_main", a)),
+    "shards": ("write WebDataset tar shards from text / jsonl / csv / datasets",
+               lambda a: _lazy("hncse_dist.data.shards", "shards_main", a)),
+    "export": ("checkpoint or model -> HF + sentence-transformers folder", _export),
+    "report": ("table + plot of scaling runs", lambda a: _lazy("hncse_dist.report", "report_main", a)),
+}
+
+
+def _lazy(module: str, func: str, argv: list[str]) -> int:
+    import importlib
+
+    return getattr(importlib.import_module(module), func)(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: hncse-dist COMMAND [args]  (hncse-dist COMMAND --help for more)\n")
+        for name, (desc, _) in COMMANDS.items():
+            print(f"  {name:8s} {desc}")
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nhncse-dist: error: unknown command {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0
+    return COMMANDS[argv[0]][1](argv[1:]) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

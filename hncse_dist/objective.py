@@ -1,0 +1,306 @@
+"""The HNCSE objective: SimCSE's InfoNCE, positive mixing (PM), hard negative mixing (HNM).
+
+Pure tensor functions. ``hncse_loss`` is the only function that talks to other ranks: when
+torch.distributed is initialized it gathers the candidates of all ranks itself (with
+gradient) and returns this rank's local loss, so that DDP's gradient average equals the
+gradient of the single-process loss on the global batch.
+
+Similarities are s(a, b) = cos(a, b) / temperature throughout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.nn.functional as F
+
+from .gather import gather_no_grad, gather_with_grad, world
+
+OBJECTIVES = ("simcse", "pm", "hnm", "hncse")
+PM_NONPOSITIVE = ("skip", "fixed")
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """Every choice of the objective; the defaults are documented in the README."""
+
+    temperature: float = 0.05
+    # Positive mixing. w1/w2 are fixed weights for the "small gap" case (the reference code
+    # searches them with Optuna at every step); chosen by the sweep in BENCHMARKS.md.
+    pm_threshold: float = 0.1
+    pm_w1: float = 0.8
+    pm_w2: float = 0.2
+    # d1 <= 0 makes the relative-gap test undefined: "skip" keeps the positive unchanged,
+    # "fixed" mixes it with (w1, w2).
+    pm_nonpositive: str = "skip"
+    # The adaptive weights d1/(d1+d2), d2/(d1+d2) are computed from detached similarities
+    # unless this is set; the vectors being mixed always carry gradient (reference code).
+    pm_weight_grad: bool = False
+    # Hard negative mixing (MoCHi-style).
+    hnm_k: int = 10
+    hnm_m: int = 40
+    hnm_alpha: float | None = 0.5  # None: alpha ~ U(0, 1) per synthetic negative (MoCHi)
+    hnm_query_mix: int = 0  # MoCHi's second type: beta*q + (1-beta)*n, beta ~ U(0, beta_max)
+    hnm_beta_max: float = 0.5
+    hnm_use_batch: bool = True  # candidates include the current global batch's positives
+    hnm_grad: bool = False  # let gradient flow through batch candidates (reference code)
+    hnm_mask_duplicates: bool = True  # never pick a candidate that is the anchor's sentence
+    bank_in_logits: bool = False  # also use raw bank entries as plain negatives
+
+    def validate(self) -> "ObjectiveConfig":
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.pm_nonpositive not in PM_NONPOSITIVE:
+            raise ValueError(f"pm_nonpositive must be one of {PM_NONPOSITIVE}, got {self.pm_nonpositive!r}")
+        if self.hnm_k < 1 or self.hnm_m < 0 or self.hnm_query_mix < 0:
+            raise ValueError("hnm_k must be >= 1, hnm_m and hnm_query_mix >= 0")
+        if self.hnm_alpha is not None and not 0.0 <= self.hnm_alpha <= 1.0:
+            raise ValueError(f"hnm_alpha must be in [0, 1] or null for U(0,1), got {self.hnm_alpha}")
+        return self
+
+
+OBJECTIVE_OPTIONS = tuple(f.name for f in fields(ObjectiveConfig))
+
+
+def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """cos(a_i, b_j) as an [len(a), len(b)] matrix."""
+    return F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T
+
+
+def info_nce(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    temperature: float = 0.05,
+    extra_negatives: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean cross-entropy of rows s(z1_i, z2_j) with label ``labels[i]`` (default i).
+
+    ``extra_negatives`` [N, M, d]: M more negatives for each row, appended to its logits.
+    z2 may hold more rows than z1 (all ranks' candidates, bank entries appended).
+    """
+    logits = cosine_matrix(z1, z2) / temperature
+    if extra_negatives is not None and extra_negatives.shape[1] > 0:
+        extra = torch.einsum("nd,nmd->nm", F.normalize(z1, dim=-1), F.normalize(extra_negatives, dim=-1))
+        logits = torch.cat([logits, extra / temperature], dim=1)
+    if labels is None:
+        labels = torch.arange(z1.shape[0], device=z1.device)
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return F.cross_entropy(logits, labels)
+
+
+def hardest_negatives(
+    z1: torch.Tensor, z2: torch.Tensor, labels: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(cos to the positive, cos to the hardest negative, index of that negative) per row."""
+    n = z1.shape[0]
+    if labels is None:
+        labels = torch.arange(n, device=z1.device)
+    cos = cosine_matrix(z1, z2)
+    rows = torch.arange(n, device=z1.device)
+    d1 = cos[rows, labels]
+    d2, j = cos.index_put((rows, labels), torch.tensor(float("-inf"), device=cos.device, dtype=cos.dtype)).max(dim=1)
+    return d1, d2, j
+
+
+def positive_mix(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    threshold: float = 0.1,
+    w1: float = 0.8,
+    w2: float = 0.2,
+    labels: torch.Tensor | None = None,
+    nonpositive: str = "skip",
+    weight_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """HNCSE-PM: the positive of each row mixed with its hardest negative.
+
+    Returns (z2_mixed [len(z1), d], mixed_mask [len(z1)] bool). Row i's positive is
+    z2[labels[i]]; its hardest negative is the most cosine-similar z2 row other than that.
+      d1 > d2, (d1 - d2) / d1 <= threshold: w1 * pos + w2 * neg
+      d1 > d2, (d1 - d2) / d1 >  threshold: pos unchanged
+      d1 <= d2:                            d1/(d1+d2) * pos + d2/(d1+d2) * neg
+      d1 <= 0 (gap test undefined):        per ``nonpositive``: "skip" (unchanged) or "fixed"
+    Cosines are used for the tests; the ratios are the same with cos/tau.
+    """
+    if labels is None:
+        labels = torch.arange(z1.shape[0], device=z1.device)
+    d1, d2, j = hardest_negatives(z1, z2, labels)
+    if not weight_grad:
+        d1, d2 = d1.detach(), d2.detach()
+    positive = d1 > 0
+    small_gap = positive & (d1 > d2) & ((d1 - d2) / d1.clamp_min(1e-12) <= threshold)
+    below = positive & (d1 <= d2)
+    fixed = small_gap | (~positive if nonpositive == "fixed" else torch.zeros_like(positive))
+    total = (d1 + d2).clamp_min(1e-12)
+    one, zero = torch.ones_like(d1), torch.zeros_like(d1)
+    w_pos = torch.where(fixed, w1 * one, torch.where(below, d1 / total, one))
+    w_neg = torch.where(fixed, w2 * one, torch.where(below, d2 / total, zero))
+    mixed = w_pos.unsqueeze(1).to(z2.dtype) * z2[labels] + w_neg.unsqueeze(1).to(z2.dtype) * z2[j]
+    return mixed, fixed | below
+
+
+def hard_negative_mix(
+    q: torch.Tensor,
+    candidates: torch.Tensor,
+    k: int = 10,
+    m: int = 40,
+    alpha: float | None = 0.5,
+    generator: torch.Generator | None = None,
+    exclude: torch.Tensor | None = None,
+    query_mix: int = 0,
+    beta_max: float = 0.5,
+) -> torch.Tensor:
+    """HNCSE-HNM / MoCHi: [N, m + query_mix, d] unit-norm synthetic negatives per query.
+
+    Each of the m synthetics is alpha * n_a + (1 - alpha) * n_b, L2-normalized, with (a, b)
+    drawn with replacement from the query's top-k most cosine-similar candidates (after
+    ``exclude`` [N, C] bool masks some out). ``alpha=None`` draws alpha ~ U(0, 1) each.
+    ``query_mix`` more are beta * q + (1 - beta) * n_a with beta ~ U(0, beta_max).
+    Gradient flows to ``candidates`` only if they carry it; ``q`` is always detached.
+    """
+    n, dev = q.shape[0], q.device
+    qn = F.normalize(q.detach(), dim=-1)
+    cn = F.normalize(candidates, dim=-1)
+    sim = qn @ cn.detach().T
+    if exclude is not None:
+        sim = sim.masked_fill(exclude, float("-inf"))
+    k_eff = min(k, cn.shape[0])
+    top_sim, top = sim.topk(k_eff, dim=1)
+    # Rows with fewer than k usable candidates draw only among the usable ones.
+    usable = torch.isfinite(top_sim).sum(dim=1, keepdim=True).clamp_min(1)
+
+    def draw(count: int) -> torch.Tensor:
+        u = torch.rand((n, count), generator=generator, device=dev)
+        return top.gather(1, (u * usable).long().clamp_max(k_eff - 1))
+
+    out = []
+    if m > 0:
+        na, nb = cn[draw(m)], cn[draw(m)]
+        if alpha is None:
+            a = torch.rand((n, m, 1), generator=generator, device=dev, dtype=cn.dtype)
+        else:
+            a = torch.full((n, m, 1), float(alpha), device=dev, dtype=cn.dtype)
+        out.append(F.normalize(a * na + (1 - a) * nb, dim=-1))
+    if query_mix > 0:
+        beta = torch.rand((n, query_mix, 1), generator=generator, device=dev, dtype=cn.dtype) * beta_max
+        nc = cn[draw(query_mix)].detach()
+        out.append(F.normalize(beta * qn.unsqueeze(1).to(cn.dtype) + (1 - beta) * nc, dim=-1))
+    if not out:
+        return cn.new_zeros((n, 0, cn.shape[1]))
+    return torch.cat(out, dim=1)
+
+
+def alignment(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+    """Wang & Isola alignment: E ||f(x) - f(x+)||^2 on unit vectors (lower is better)."""
+    return (F.normalize(z1, dim=-1) - F.normalize(z2, dim=-1)).pow(2).sum(-1).mean()
+
+
+def uniformity(z: torch.Tensor, t: float = 2.0) -> torch.Tensor:
+    """Wang & Isola uniformity: log E exp(-t ||f(x) - f(y)||^2) over pairs (lower is better)."""
+    zn = F.normalize(z.float(), dim=-1)
+    return torch.pdist(zn).pow(2).mul(-t).exp().mean().log()
+
+
+def hncse_loss(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    objective: str = "hncse",
+    bank: torch.Tensor | None = None,
+    *,
+    config: ObjectiveConfig | None = None,
+    keys: torch.Tensor | None = None,
+    bank_keys: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    gather: bool = True,
+    return_stats: bool = False,
+    **options,
+):
+    """This rank's loss for ``objective`` in simcse | pm | hnm | hncse.
+
+    z1, z2 [n, d]: this rank's two dropout views. When torch.distributed is initialized (and
+    ``gather``), every rank's z2 (and PM's mixed positives) are gathered with gradient and
+    labels are offset by rank * n. ``bank`` [B, d]: detached embeddings of earlier global
+    batches (identical on every rank), used as HNM candidates (and as logits if
+    ``bank_in_logits``). ``keys``/``bank_keys``: int64 sentence hashes for duplicate masking.
+    ``options`` override fields of ``config`` (see ObjectiveConfig).
+    Returns the loss, or (loss, stats) with ``return_stats``: stats are 0-dim detached tensors.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}: choose one of {', '.join(OBJECTIVES)}")
+    cfg = replace(config or ObjectiveConfig(), **options).validate()
+    rank, world_size = world() if gather else (0, 1)
+    n = z1.shape[0]
+    labels = torch.arange(n, device=z1.device) + rank * n
+    z2_all = gather_with_grad(z2) if world_size > 1 else z2
+    stats: dict[str, torch.Tensor] = {}
+
+    candidates = z2_all
+    if objective in ("pm", "hncse"):
+        mixed, mask = positive_mix(
+            z1, z2_all, cfg.pm_threshold, cfg.pm_w1, cfg.pm_w2, labels, cfg.pm_nonpositive, cfg.pm_weight_grad
+        )
+        candidates = gather_with_grad(mixed) if world_size > 1 else mixed
+        stats["pm/trigger_rate"] = mask.float().mean().detach()
+
+    synthetic = None
+    if objective in ("hnm", "hncse") and (cfg.hnm_m > 0 or cfg.hnm_query_mix > 0):
+        pool, exclude = _hnm_pool(z1, z2_all, labels, bank, keys, bank_keys, cfg, world_size)
+        if pool.shape[0] > 0:
+            synthetic = hard_negative_mix(
+                z1, pool, cfg.hnm_k, cfg.hnm_m, cfg.hnm_alpha, generator, exclude, cfg.hnm_query_mix, cfg.hnm_beta_max
+            )
+            stats.update(_hnm_stats(z1, pool, exclude, synthetic, cfg.hnm_k))
+
+    if cfg.bank_in_logits and bank is not None and bank.shape[0] > 0:
+        candidates = torch.cat([candidates, bank.detach().to(candidates.dtype)])
+    loss = info_nce(z1, candidates, cfg.temperature, synthetic, labels)
+    if not return_stats:
+        return loss
+    with torch.no_grad():
+        d1, d2, _ = hardest_negatives(z1, z2_all, labels)
+        stats["cos/positive"] = d1.mean()
+        stats["cos/hardest_negative"] = d2.mean()
+    return loss, stats
+
+
+def _hnm_pool(z1, z2_all, labels, bank, keys, bank_keys, cfg: ObjectiveConfig, world_size: int):
+    """HNM candidates (current global batch and/or bank) and the [n, C] mask of forbidden ones."""
+    parts, masks = [], []
+    n = z1.shape[0]
+    all_keys = None
+    if keys is not None and cfg.hnm_mask_duplicates:
+        all_keys = gather_no_grad(keys) if world_size > 1 else keys
+    if cfg.hnm_use_batch:
+        parts.append(z2_all if cfg.hnm_grad else z2_all.detach())
+        m = torch.zeros((n, z2_all.shape[0]), dtype=torch.bool, device=z1.device)
+        m[torch.arange(n, device=z1.device), labels] = True  # the positive itself
+        if all_keys is not None:
+            m |= keys.unsqueeze(1) == all_keys.unsqueeze(0)
+        masks.append(m)
+    if bank is not None and bank.shape[0] > 0:
+        parts.append(bank.detach().to(z1.dtype))
+        if all_keys is not None and bank_keys is not None:
+            masks.append(keys.unsqueeze(1) == bank_keys.unsqueeze(0))
+        else:
+            masks.append(torch.zeros((n, bank.shape[0]), dtype=torch.bool, device=z1.device))
+    if not parts:
+        return z1.new_zeros((0, z1.shape[1])), None
+    return torch.cat(parts), torch.cat(masks, dim=1)
+
+
+@torch.no_grad()
+def _hnm_stats(z1, pool, exclude, synthetic, k) -> dict[str, torch.Tensor]:
+    sim = cosine_matrix(z1, pool)
+    if exclude is not None:
+        sim = sim.masked_fill(exclude, float("-inf"))
+    top = sim.topk(min(k, sim.shape[1]), dim=1).values
+    top = top[torch.isfinite(top)]
+    syn = torch.einsum("nd,nmd->nm", F.normalize(z1, dim=-1), synthetic)
+    return {
+        "hnm/topk_cos_mean": top.mean(),
+        "hnm/topk_cos_max": top.max(),
+        "hnm/synthetic_cos_mean": syn.mean(),
+    }

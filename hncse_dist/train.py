@@ -1,0 +1,328 @@
+"""The training loop: Accelerate (DDP or DeepSpeed ZeRO), one forward over both views,
+the HNCSE objective across ranks, the negative bank, TensorBoard, evaluation, checkpoints
+and preemption.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .bank import NegativeBank, sentence_keys
+from .checkpoint import Checkpointer
+from .config import ConfigError, TrainConfig
+from .encoder import Encoder
+from .gather import all_ranks_agree
+from .objective import alignment, hncse_loss, uniformity
+
+REQUEUE_EXIT_CODE = 75  # "checkpointed after a preemption signal: requeue me" (EX_TEMPFAIL)
+PACKAGED_STSB_DEV = Path(__file__).parent / "resources" / "sts-dev.csv"
+
+
+class PreemptionFlag:
+    """Set by SIGTERM / SIGUSR1 (Slurm's warning signals); acted on between steps."""
+
+    def __init__(self) -> None:
+        self.raised: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.raised = signum
+
+
+def make_accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+    from datetime import timedelta
+
+    on_gpu = torch.cuda.is_available()
+    # Without an explicit backend, DeepSpeed on CPU leaves every rank believing it is alone.
+    pg = InitProcessGroupKwargs(backend="nccl" if on_gpu else "gloo", timeout=timedelta(minutes=30))
+    kwargs = dict(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        kwargs_handlers=[pg],
+    )
+    if cfg.deepspeed:
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(
+            hf_ds_config=cfg.deepspeed,
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            gradient_clipping=cfg.max_grad_norm,
+        )
+    else:
+        kwargs["cpu"] = not on_gpu
+    acc = Accelerator(**kwargs)
+    expected = int(os.environ.get("WORLD_SIZE", "1"))
+    if acc.num_processes != expected:
+        raise RuntimeError(
+            f"launcher started WORLD_SIZE={expected} but Accelerate formed a world of {acc.num_processes}: "
+            "launch with 'hncse-dist train --nproc-per-node N' or torchrun"
+        )
+    return acc
+
+
+def build_stream(cfg: TrainConfig, tokenizer, acc):
+    from .data.shards import ensure_shards
+    from .data.stream import ShardStream
+
+    shard_dir = cfg.train_shards
+    if shard_dir is None:
+        cache = Path(cfg.output_dir) / "shards"
+        with acc.main_process_first():
+            shard_dir = ensure_shards(cfg.train_file, str(cache))
+    return ShardStream(
+        shard_dir, tokenizer, cfg.batch_size, cfg.max_seq_length, seed=cfg.seed,
+        rank=acc.process_index, world_size=acc.num_processes,
+        num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer,
+    )
+
+
+def total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    steps = cfg.num_epochs * batches_per_epoch // cfg.gradient_accumulation_steps
+    if steps < 1:
+        raise ConfigError("the data holds less than one global batch: lower batch_size or add data")
+    return steps
+
+
+class MetricsLog:
+    """TensorBoard scalars and a metrics.jsonl on the main process; no-ops elsewhere."""
+
+    def __init__(self, out_dir: Path, enabled: bool):
+        self.enabled = enabled
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out_dir / "tb"))
+            self.jsonl = open(out_dir / "metrics.jsonl", "a", buffering=1)
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        for k, v in values.items():
+            self.tb.add_scalar(k, v, step)
+        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+
+    def close(self) -> None:
+        if self.enabled:
+            self.tb.close()
+            self.jsonl.close()
+
+
+def _eval_dev(cfg: TrainConfig, encoder: Encoder) -> float | None:
+    from .eval.sts import dev_spearman
+
+    path = PACKAGED_STSB_DEV if cfg.eval_file == "packaged" else cfg.eval_file
+    if path is None:
+        return None
+    return dev_spearman(encoder, str(path), batch_size=cfg.eval_batch_size)
+
+
+def train(cfg: TrainConfig) -> int:
+    """Run training; returns the process exit code (0, or REQUEUE_EXIT_CODE after preemption)."""
+    from accelerate.utils import set_seed
+    from transformers import get_linear_schedule_with_warmup
+
+    cfg.validate()
+    preempt = PreemptionFlag()
+    acc = make_accelerator(cfg)
+    rank, world_size = acc.process_index, acc.num_processes
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    set_seed(cfg.seed)  # identical head initialisation on every rank
+    encoder = Encoder.from_pretrained(cfg.model_name_or_path, cfg.pooler, cfg.mlp_only_train)
+    if cfg.gradient_checkpointing:
+        # torch.utils.checkpoint replays the saved RNG state, so both dropout views survive.
+        encoder.backbone.gradient_checkpointing_enable()
+    set_seed(cfg.seed + rank)  # dropout masks differ per rank
+    stream = build_stream(cfg, encoder.tokenizer, acc)
+    steps = total_steps(cfg, stream.batches_per_epoch)
+
+    optimizer = torch.optim.AdamW(encoder.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, steps)
+    model, optimizer = acc.prepare(encoder, optimizer)
+    # The scheduler is stepped by hand: Accelerate's wrapper would step it once per process.
+    acc.register_for_checkpointing(scheduler)
+    bank = NegativeBank(cfg.bank_size if cfg.objective in ("hnm", "hncse") else 0)
+    hnm_gen = torch.Generator(device=acc.device).manual_seed(cfg.seed * 1000 + rank)
+    ckpt = Checkpointer(out_dir / "checkpoints", acc, keep_last=cfg.keep_last)
+
+    state = {"step": 0, "best_dev": float("-inf"), "micro_step": 0}
+    if cfg.resume:
+        resumed = ckpt.resolve(cfg.resume)
+        if resumed is not None:
+            extra = ckpt.load(resumed)
+            state.update(extra["trainer"])
+            bank.load_state_dict(extra["bank"], device=acc.device)
+            stream.load_state_dict(extra["data"])
+            hnm_gen.set_state(extra["generator"])
+            acc.print(f"resumed from {resumed} at step {state['step']}")
+        elif cfg.resume != "latest":
+            raise ConfigError(f"resume={cfg.resume}: no complete checkpoint there")
+
+    def save(tag_step: int) -> None:
+        ckpt.save(tag_step, {"trainer": state, "bank": bank.state_dict(), "data": stream.state_dict(),
+                             "generator": hnm_gen.get_state()})
+
+    log = MetricsLog(out_dir, acc.is_main_process)
+    if acc.is_main_process:
+        (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
+    acc.print(f"world size {world_size} | global batch {cfg.batch_size * world_size} | "
+              f"{steps} steps | objective {cfg.objective} | device {acc.device}")
+    obj_cfg = cfg.objective_config()
+    bar = None
+    if cfg.progress and acc.is_main_process:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, initial=state["step"], desc="train", unit="step", dynamic_ncols=True)
+
+    exit_code = 0
+    window_start, window_steps, window_stats = time.perf_counter(), 0, {}
+    model.train()
+    while state["step"] < steps and exit_code == 0:
+        for batch in stream:
+            ids = batch["input_ids"].to(acc.device)
+            mask = batch["attention_mask"].to(acc.device)
+            with acc.accumulate(model):
+                # One forward over both dropout views: 2N sequences.
+                emb = model(ids.repeat(2, 1), mask.repeat(2, 1)).float()
+                z1, z2 = emb.chunk(2)
+                keys = sentence_keys(ids, mask)
+                use_bank = state["step"] >= cfg.bank_warmup_steps
+                bank_z, bank_k = bank.contents() if use_bank else (None, None)
+                loss, stats = hncse_loss(
+                    z1, z2, cfg.objective, bank_z, config=obj_cfg, keys=keys, bank_keys=bank_k,
+                    generator=hnm_gen, return_stats=True,
+                )
+                skip = cfg.skip_nonfinite and all_ranks_agree(not bool(torch.isfinite(loss)), acc.device)
+                if skip:
+                    acc.print(f"step {state['step']}: non-finite loss on some rank, step skipped on all ranks")
+                    optimizer.zero_grad(set_to_none=True)
+                    continue
+                acc.backward(loss)
+                grad_norm = None
+                if acc.sync_gradients and cfg.max_grad_norm > 0:
+                    grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            bank.push_local(z2.detach(), keys)
+            state["micro_step"] += 1
+            for k, v in stats.items():
+                window_stats[k] = window_stats.get(k, 0.0) + v
+            window_stats["loss"] = window_stats.get("loss", 0.0) + loss.detach()
+            if not acc.sync_gradients:
+                continue
+            scheduler.step()
+            state["step"] += 1
+            window_steps += 1
+            step = state["step"]
+            if bar is not None:
+                bar.update(1)
+
+            if step % cfg.log_every == 0 or step == steps:
+                elapsed = time.perf_counter() - window_start
+                micro = window_steps * cfg.gradient_accumulation_steps
+                values = {k: float(acc.reduce(v / micro, "mean")) for k, v in sorted(window_stats.items())}
+                values["lr"] = scheduler.get_last_lr()[0]
+                values["sentences_per_s"] = micro * cfg.batch_size * world_size / elapsed
+                values["bank/fill"] = bank.fill_fraction
+                if grad_norm is not None:
+                    values["grad_norm"] = float(grad_norm)
+                if step % cfg.stats_every == 0:
+                    values["emb/alignment"] = float(alignment(z1.detach(), z2.detach()))
+                    values["emb/uniformity"] = float(uniformity(z1.detach()))
+                values.update(world_size=world_size, global_batch=cfg.batch_size * world_size)
+                log.log(step, values)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{values['loss']:.4f}", sps=f"{values['sentences_per_s']:.0f}")
+                window_start, window_steps, window_stats = time.perf_counter(), 0, {}
+
+            if (cfg.eval_every > 0 and step % cfg.eval_every == 0) or step == steps:
+                maybe_eval(cfg, acc, model, state, log, out_dir, step)
+            stop = all_ranks_agree(preempt.raised is not None, acc.device)
+            if stop or (cfg.save_every > 0 and step % cfg.save_every == 0) or step == steps:
+                save(step)
+            if stop:
+                acc.print(f"preemption signal: checkpoint at step {step} written, exiting {REQUEUE_EXIT_CODE}")
+                exit_code = REQUEUE_EXIT_CODE
+                break
+            if step >= steps:
+                break
+        else:
+            stream.set_epoch(stream.epoch + 1)
+
+    if exit_code == 0:
+        export(acc, model, out_dir / "final")
+        write_summary(cfg, out_dir, state, steps, world_size)
+    if bar is not None:
+        bar.close()
+    log.close()
+    acc.wait_for_everyone()
+    acc.end_training()
+    return exit_code
+
+
+def maybe_eval(cfg, acc, model, state, log, out_dir: Path, step: int) -> None:
+    """STS-B dev on the main process; exports the best model (SimCSE's selection)."""
+    if cfg.eval_file is None:
+        return
+    if cfg.deepspeed and acc.state.deepspeed_plugin.zero_stage == 3:
+        score = None  # parameters are sharded: evaluation needs every rank, see export()
+    elif acc.is_main_process:
+        score = _eval_dev(cfg, acc.unwrap_model(model))
+        model.train()
+    else:
+        score = None
+    from accelerate.utils import broadcast_object_list
+
+    box = [score]
+    broadcast_object_list(box)
+    score = box[0]
+    if score is None:
+        return
+    log.log(step, {"eval/stsb_dev_spearman": score})
+    acc.print(f"step {step}: STS-B dev Spearman {score:.2f}")
+    if score > state["best_dev"]:
+        state["best_dev"] = score
+        if cfg.save_best:
+            export(acc, model, out_dir / "best")
+
+
+def export(acc, model, out_dir: Path) -> None:
+    """Write an AutoModel + SentenceTransformer folder (consolidating ZeRO-3 shards)."""
+    state_dict = acc.get_state_dict(model)  # a collective under ZeRO-3
+    if acc.is_main_process:
+        acc.unwrap_model(model).save_pretrained(out_dir, state_dict=state_dict)
+    acc.wait_for_everyone()
+
+
+def write_summary(cfg: TrainConfig, out_dir: Path, state: dict, steps: int, world_size: int) -> None:
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    rates, losses = [], []
+    with open(out_dir / "metrics.jsonl") as f:
+        for line in f:
+            rec = json.loads(line)
+            if "sentences_per_s" in rec:
+                rates.append(rec["sentences_per_s"])
+                losses.append(rec["loss"])
+    warm = rates[1:] or rates
+    summary = {
+        "world_size": world_size,
+        "global_batch": cfg.batch_size * world_size,
+        "steps": steps,
+        "sentences_per_s": sum(warm) / len(warm) if warm else None,
+        "final_loss": losses[-1] if losses else None,
+        "best_stsb_dev": state["best_dev"] if math.isfinite(state["best_dev"]) else None,
+        "config": asdict(cfg),
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
