@@ -46,10 +46,11 @@ def make_accelerator(cfg: TrainConfig):
     on_gpu = torch.cuda.is_available()
     # Without an explicit backend, DeepSpeed on CPU leaves every rank believing it is alone.
     pg = InitProcessGroupKwargs(backend="nccl" if on_gpu else "gloo", timeout=timedelta(minutes=30))
+    expected = int(os.environ.get("WORLD_SIZE", "1"))
     kwargs = dict(
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        kwargs_handlers=[pg],
+        kwargs_handlers=[pg] if expected > 1 else [],
     )
     if cfg.deepspeed:
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(
@@ -59,8 +60,15 @@ def make_accelerator(cfg: TrainConfig):
         )
     else:
         kwargs["cpu"] = not on_gpu
+    if cfg.deepspeed and expected == 1:
+        # DeepSpeed wants a process group even for one process.
+        os.environ.setdefault("RANK", "0"); os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1"); os.environ.setdefault("MASTER_PORT", "29511")
+        kwargs["kwargs_handlers"] = [pg]
     acc = Accelerator(**kwargs)
-    expected = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.deepspeed:
+        # No DataLoader goes through prepare(), so DeepSpeed learns the micro-batch here.
+        acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
     if acc.num_processes != expected:
         raise RuntimeError(
             f"launcher started WORLD_SIZE={expected} but Accelerate formed a world of {acc.num_processes}: "
@@ -171,7 +179,7 @@ def train(cfg: TrainConfig) -> int:
 
     def save(tag_step: int) -> None:
         ckpt.save(tag_step, {"trainer": state, "bank": bank.state_dict(), "data": stream.state_dict(),
-                             "generator": hnm_gen.get_state()})
+                             "generator": hnm_gen.get_state(), "param_digest": parameter_digest(model)})
 
     log = MetricsLog(out_dir, acc.is_main_process)
     if acc.is_main_process:
@@ -257,8 +265,8 @@ def train(cfg: TrainConfig) -> int:
                 break
             if step >= steps:
                 break
-        else:
-            stream.set_epoch(stream.epoch + 1)
+            if window_steps == 0:
+                window_start = time.perf_counter()  # evaluation and checkpoints are not training time
 
     if exit_code == 0:
         export(acc, model, out_dir / "final")
@@ -295,6 +303,18 @@ def maybe_eval(cfg, acc, model, state, log, out_dir: Path, step: int) -> None:
         state["best_dev"] = score
         if cfg.save_best:
             export(acc, model, out_dir / "best")
+
+
+def parameter_digest(model) -> str | None:
+    """sha256 of every parameter's bytes: equal on all ranks when they are in sync."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in model.parameters():
+        if getattr(p, "ds_numel", None) is not None and p.numel() != p.ds_numel:
+            return None  # ZeRO-3 partition: not comparable
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 def export(acc, model, out_dir: Path) -> None:

