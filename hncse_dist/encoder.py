@@ -10,6 +10,7 @@ Poolers (SimCSE's names):
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -162,7 +163,12 @@ class Encoder(nn.Module):
         if state_dict is None:
             state_dict = {k: v.detach().cpu() for k, v in self.state_dict().items()}
         backbone_sd = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
-        self.backbone.save_pretrained(out, state_dict=backbone_sd)
+        save_kwargs = {"state_dict": backbone_sd}
+        if "save_original_format" in inspect.signature(self.backbone.save_pretrained).parameters:
+            # transformers 5 may "revert" canonical names (LayerNorm.weight -> gamma) on save;
+            # keep the names every loader understands.
+            save_kwargs["save_original_format"] = False
+        self.backbone.save_pretrained(out, **save_kwargs)
         self.tokenizer.save_pretrained(out)
         head_sd = {k[len("head."):]: v for k, v in state_dict.items() if k.startswith("head.")}
         if head_sd:

@@ -276,6 +276,8 @@ def train(cfg: TrainConfig) -> int:
     log.close()
     acc.wait_for_everyone()
     acc.end_training()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return exit_code
 
 
