@@ -77,6 +77,19 @@ def make_accelerator(cfg: TrainConfig):
     return acc
 
 
+def contrastive_step(model, ids, mask, objective: str, obj_cfg, bank: NegativeBank | None = None,
+                     generator: torch.Generator | None = None):
+    """Loss of one (micro-)batch: ONE forward over both dropout views (2N sequences), then
+    the objective across ranks. Returns (loss, z1, z2, sentence keys, stats)."""
+    emb = model(ids.repeat(2, 1), mask.repeat(2, 1)).float()
+    z1, z2 = emb.chunk(2)
+    keys = sentence_keys(ids, mask)
+    bank_z, bank_k = bank.contents() if bank is not None else (None, None)
+    loss, stats = hncse_loss(z1, z2, objective, bank_z, config=obj_cfg, keys=keys, bank_keys=bank_k,
+                             generator=generator, return_stats=True)
+    return loss, z1, z2, keys, stats
+
+
 def build_stream(cfg: TrainConfig, tokenizer, acc):
     from .data.shards import ensure_shards
     from .data.stream import ShardStream
@@ -201,15 +214,9 @@ def train(cfg: TrainConfig) -> int:
             ids = batch["input_ids"].to(acc.device)
             mask = batch["attention_mask"].to(acc.device)
             with acc.accumulate(model):
-                # One forward over both dropout views: 2N sequences.
-                emb = model(ids.repeat(2, 1), mask.repeat(2, 1)).float()
-                z1, z2 = emb.chunk(2)
-                keys = sentence_keys(ids, mask)
                 use_bank = state["step"] >= cfg.bank_warmup_steps
-                bank_z, bank_k = bank.contents() if use_bank else (None, None)
-                loss, stats = hncse_loss(
-                    z1, z2, cfg.objective, bank_z, config=obj_cfg, keys=keys, bank_keys=bank_k,
-                    generator=hnm_gen, return_stats=True,
+                loss, z1, z2, keys, stats = contrastive_step(
+                    model, ids, mask, cfg.objective, obj_cfg, bank if use_bank else None, hnm_gen
                 )
                 skip = cfg.skip_nonfinite and all_ranks_agree(not bool(torch.isfinite(loss)), acc.device)
                 if skip:
