@@ -86,3 +86,24 @@ def test_empty_training_file_is_refused(tmp_path, tiny_bert, corpus):
 def test_missing_config_file_is_refused(tmp_path):
     proc = run_cli(["train", "--config", str(tmp_path / "nope.yaml")], check=False, timeout=120)
     assert proc.returncode == 2 and "not found" in proc.stderr
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_uneven_shards_over_two_ranks_finish_with_equal_steps(tmp_path, tiny_bert, corpus):
+    """3 shards of 170/170/60 sentences over 2 ranks: a naive shard split gives the ranks 230
+    and 170 samples and would hang a collective. Documented policy: every rank runs
+    total // global_batch steps per epoch; the tail (400 - 25*16 = 0 here) is dropped."""
+    from hncse_dist.data.shards import write_shards
+
+    shards = tmp_path / "shards"
+    write_shards([corpus], str(shards), samples_per_shard=170, progress=False)
+    out = tmp_path / "run"
+    args = common(tiny_bert, corpus, out, max_steps=0, num_epochs=1, save_every=0, log_every=5)
+    args = [a for a in args if not a.startswith("train_file=")] + [f"train_shards={shards}"]
+    run_cli(["train", "--nproc-per-node", "2", *args], timeout=300)
+    ck = sorted((out / "checkpoints").glob("step-*"))[-1]
+    assert ck.name == "step-00000025"
+    r0 = torch.load(ck / "hncse_rank0.pt", weights_only=False)
+    r1 = torch.load(ck / "hncse_rank1.pt", weights_only=False)
+    assert r0["data"] == r1["data"] and r0["data"]["epoch"] == 1  # epoch fully consumed on both

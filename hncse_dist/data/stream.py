@@ -1,0 +1,420 @@
+"""ShardStream: tokenized, fixed-size, exactly-counted batches from tar shards, per rank.
+
+Guarantees (see plan.py for the exact sample order):
+
+- every rank yields exactly ``batches_per_epoch = total // (world_size * batch_size)``
+  batches per epoch, each with exactly ``batch_size`` rows, so collectives never hang;
+- in exact mode every sample is seen at most once per epoch across all ranks, and all but
+  the dropped tail (fewer than ``world_size * batch_size`` samples, a different tail every
+  epoch since the shard order is reshuffled) exactly once;
+- the sequence of batches is independent of ``num_workers``; ``state_dict()`` counts
+  batches handed to the consumer (not those prefetched by workers), so loading it into a
+  fresh stream continues with exactly the batches an uninterrupted run would have yielded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .manifest import ShardInfo, check_shard, load_manifest, shard_infos
+from .plan import (
+    Segment,
+    batches_per_epoch,
+    block_permutation,
+    block_size_for,
+    exact_rank_segments,
+    resampled_rank_segments,
+    slice_segments,
+)
+from .tario import ShardError, ShardReader
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+Batch = dict[str, Any]
+
+
+# ----------------------------------------------------------------------------- worker side
+
+
+@dataclass(frozen=True)
+class _EpochPlan:
+    """Everything a worker needs to produce its share of one rank's epoch (picklable)."""
+
+    paths: tuple[str, ...]
+    segments: tuple[Segment, ...]
+    batch_size: int
+    block_size: int
+    max_length: int
+    seed: int
+    epoch: int
+    rank: int
+    shuffle: bool
+    start_batch: int
+
+    @property
+    def span(self) -> int:
+        return sum(s.count for s in self.segments)
+
+    @property
+    def batches_per_block(self) -> int:
+        return self.block_size // self.batch_size
+
+
+class _SegmentReader:
+    """Reads segments in order, keeping the current shard open across adjacent segments."""
+
+    def __init__(self, paths: tuple[str, ...]) -> None:
+        self._paths = paths
+        self._reader: ShardReader | None = None
+
+    def read(self, seg: Segment) -> list[tuple[str, str]]:
+        path = self._paths[seg.shard]
+        reader = self._reader
+        if reader is None or reader.path != path or reader.position > seg.start:
+            self.close()
+            reader = self._reader = ShardReader(path)
+        reader.skip(seg.start - reader.position)
+        return reader.read(seg.count)
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+
+class _EpochBatches(IterableDataset):
+    """Produces (index, batch) for the blocks assigned to this DataLoader worker.
+
+    Blocks go to workers round-robin (block b -> worker b % num_workers); each block is
+    read whole and shuffled with its own seed, so any worker can produce any block
+    identically and a resumed epoch only re-reads the block it stopped in.
+    """
+
+    def __init__(self, plan: _EpochPlan, tokenizer: Any) -> None:
+        super().__init__()
+        self.plan = plan
+        self.tokenizer = tokenizer
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        plan = self.plan
+        n_blocks = math.ceil(plan.span / plan.block_size)
+        first_block = plan.start_batch // plan.batches_per_block
+        reader = _SegmentReader(plan.paths)
+        try:
+            for block in range(first_block, n_blocks):
+                if block % n_workers == worker:
+                    yield from self._block_batches(block, reader)
+        finally:
+            reader.close()
+
+    def _block_batches(self, block: int, reader: _SegmentReader) -> Iterator[Batch]:
+        plan = self.plan
+        lo = block * plan.block_size
+        size = min(plan.block_size, plan.span - lo)
+        samples = [s for seg in slice_segments(plan.segments, lo, size) for s in reader.read(seg)]
+        order = block_permutation(size, plan.seed, plan.epoch, plan.rank, block, plan.shuffle)
+        samples = [samples[i] for i in order]
+        for i in range(size // plan.batch_size):
+            index = block * plan.batches_per_block + i
+            if index >= plan.start_batch:
+                yield self._tokenize(samples[i * plan.batch_size : (i + 1) * plan.batch_size], index)
+
+    def _tokenize(self, samples: list[tuple[str, str]], index: int) -> Batch:
+        encoded = self.tokenizer(
+            [text for _, text in samples],
+            padding="longest",
+            truncation=True,
+            max_length=self.plan.max_length,
+            return_tensors="pt",
+        )
+        return {
+            "input_ids": encoded["input_ids"].long(),
+            "attention_mask": encoded["attention_mask"].long(),
+            "keys": [key for key, _ in samples],
+            "index": index,
+        }
+
+
+def _keep_as_is(batch: Batch) -> Batch:
+    return batch
+
+
+def _in_index_order(batches: Iterable[Batch], first: int) -> Iterator[Batch]:
+    """Yield batches sorted by their ``index``, starting at ``first``.
+
+    DataLoader interleaves workers batch by batch while blocks are assigned whole, so a few
+    blocks' worth of batches wait here; they are small (token ids only).
+    """
+    pending: dict[int, Batch] = {}
+    expected = first
+    for batch in batches:
+        pending[batch["index"]] = batch
+        while expected in pending:
+            yield pending.pop(expected)
+            expected += 1
+    if pending:
+        raise RuntimeError(f"data pipeline lost batch {expected}; got {sorted(pending)[:5]}...")
+
+
+# ----------------------------------------------------------------------------- main side
+
+
+def _stop_workers(source: Iterator[Batch]) -> None:
+    """Shut DataLoader workers down now rather than whenever the iterator is collected.
+
+    After an error the traceback keeps the iterator alive, and a shutdown left to garbage
+    collection waits seconds per worker.
+    """
+    shutdown = getattr(source, "_shutdown_workers", None)
+    if callable(shutdown):
+        shutdown()
+
+
+def _worker_error_summary(exc: ShardError) -> str | None:
+    """The worker's own message when DataLoader re-raised it behind a traceback."""
+    marker = "ShardError: "
+    text = str(exc)
+    if "DataLoader worker" not in text or marker not in text:
+        return None
+    return text.rsplit(marker, 1)[1].strip() + " (raised in a DataLoader worker)"
+
+
+def _usable_shards(shard_dir: str, skip_corrupt: bool) -> tuple[list[ShardInfo], list[str]]:
+    """Shards to read and descriptions of the skipped ones; raise on problems unless skipping.
+
+    The same checks run on every rank over the same files, so every rank skips the same
+    shards and the batch count stays equal. With skip_corrupt every shard's sha256 is
+    verified (one full read of the corpus per rank, at construction).
+    """
+    infos = shard_infos(shard_dir, load_manifest(shard_dir))
+    problems = {info.path: check_shard(info, verify_sha=skip_corrupt) for info in infos}
+    bad = [p for p in problems.values() if p]
+    if bad and not skip_corrupt:
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise ShardError(
+            "; ".join(bad[:3]) + more + ". Fix: rebuild with `hncse-dist shards` or pass skip_corrupt=True"
+        )
+    for problem in bad:
+        log.warning("skipping shard: %s", problem)
+    return [i for i in infos if not problems[i.path]], bad
+
+
+def _dataset_fingerprint(infos: list[ShardInfo]) -> str:
+    listing = [(os.path.basename(i.path), i.count) for i in infos]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+
+
+class ShardStream:
+    """Per-rank iterable of tokenized batches over a shard directory (see module docstring).
+
+    Iterating yields the rest of the current epoch as dicts with ``input_ids`` and
+    ``attention_mask`` (LongTensor [batch_size, L], padded to the longest row, truncated
+    at ``max_length``) and ``keys`` (list of sample keys); when an epoch is fully consumed
+    the stream moves on to the next one, so ``for batch in stream`` repeated gives
+    successive epochs. ``set_epoch(e)`` jumps to the start of epoch ``e`` (keeping the
+    position when ``e`` is already the current epoch, so a resumed run may call it).
+    """
+
+    def __init__(
+        self,
+        shard_dir: str,
+        tokenizer: Any,
+        batch_size: int,
+        max_length: int,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 2,
+        shuffle_buffer: int = 1000,
+        resampled: bool = False,
+        skip_corrupt: bool = False,
+        prefetch_factor: int = 2,
+    ) -> None:
+        if batch_size < 1 or max_length < 1:
+            raise ValueError(f"batch_size and max_length must be >= 1, got {batch_size}, {max_length}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.shard_dir = shard_dir
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.num_workers = num_workers
+        self.shuffle_buffer = shuffle_buffer
+        self.resampled = resampled
+        self.prefetch_factor = prefetch_factor
+        self._shards, self.skipped_shards = _usable_shards(shard_dir, skip_corrupt)
+        self.total_samples = sum(i.count for i in self._shards)
+        self._batches_per_epoch = batches_per_epoch(self.total_samples, batch_size, world_size)
+        if self._batches_per_epoch == 0:
+            raise ValueError(
+                f"{shard_dir} holds {self.total_samples} usable samples, fewer than one global batch "
+                f"(world_size {world_size} x batch_size {batch_size}); use more data or a smaller batch"
+            )
+        self._block_size = block_size_for(shuffle_buffer, batch_size)
+        self._fingerprint = _dataset_fingerprint(self._shards)
+        self._epoch = 0
+        self._consumed = 0
+
+    # -- position ---------------------------------------------------------------------
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches every rank yields per epoch: total // (world_size * batch_size)."""
+        return self._batches_per_epoch
+
+    @property
+    def dropped_per_epoch(self) -> int:
+        """Samples left out of each exact epoch (the tail that cannot fill a global step)."""
+        return self.total_samples - self._batches_per_epoch * self.batch_size * self.world_size
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def batches_consumed(self) -> int:
+        return self._consumed
+
+    def __len__(self) -> int:
+        return self._batches_per_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self._epoch:
+            self._epoch, self._consumed = epoch, 0
+
+    def _normalized_position(self) -> tuple[int, int]:
+        if self._consumed >= self._batches_per_epoch:
+            return self._epoch + 1, 0
+        return self._epoch, self._consumed
+
+    # -- iteration --------------------------------------------------------------------
+
+    def _plan(self, epoch: int, start_batch: int) -> _EpochPlan:
+        per_rank = self._batches_per_epoch * self.batch_size
+        make_segments = resampled_rank_segments if self.resampled else exact_rank_segments
+        counts = [i.count for i in self._shards]
+        segments = make_segments(counts, self.seed, epoch, self.rank, per_rank)
+        return _EpochPlan(
+            paths=tuple(i.path for i in self._shards),
+            segments=tuple(segments),
+            batch_size=self.batch_size,
+            block_size=self._block_size,
+            max_length=self.max_length,
+            seed=self.seed,
+            epoch=epoch,
+            rank=self.rank,
+            shuffle=self.shuffle_buffer > 1,
+            start_batch=start_batch,
+        )
+
+    def _loader(self, dataset: _EpochBatches) -> DataLoader:
+        # Tokenizers' own thread pool inside forked workers deadlocks or warns; workers
+        # already give the parallelism.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        return DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            collate_fn=_keep_as_is,
+            prefetch_factor=self.prefetch_factor,
+            persistent_workers=False,
+        )
+
+    def __iter__(self) -> Iterator[Batch]:
+        self._epoch, self._consumed = self._normalized_position()
+        epoch, start = self._epoch, self._consumed
+        dataset = _EpochBatches(self._plan(epoch, start), self.tokenizer)
+        source = iter(dataset) if self.num_workers == 0 else iter(self._loader(dataset))
+        try:
+            for batch in _in_index_order(source, start):
+                # Count before handing over: while the consumer holds batch k, k+1 are consumed.
+                self._consumed = batch.pop("index") + 1
+                yield batch
+        except ShardError as exc:
+            summary = _worker_error_summary(exc)
+            if summary is None:
+                raise
+            raise ShardError(summary) from exc
+        finally:
+            _stop_workers(source)
+        if self._consumed != self._batches_per_epoch:
+            raise RuntimeError(
+                f"rank {self.rank} produced {self._consumed} of {self._batches_per_epoch} batches in "
+                f"epoch {epoch}; refusing to continue with unequal batch counts"
+            )
+        self._epoch, self._consumed = epoch + 1, 0
+
+    def forever(self) -> Iterator[Batch]:
+        """Endless batches across epochs (for step-based training, e.g. resampled mode)."""
+        while True:
+            yield from self
+
+    # -- checkpointing ----------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Position after the batches handed out so far; identical on every rank."""
+        epoch, consumed = self._normalized_position()
+        return {
+            "version": STATE_VERSION,
+            "epoch": epoch,
+            "batches_consumed": consumed,
+            "world_size": self.world_size,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "block_size": self._block_size,
+            "resampled": self.resampled,
+            "dataset": self._fingerprint,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state``. Exact mode needs the same world size, batch size, seed,
+        shuffle block and shards; resampled mode accepts changes and resumes statistically
+        at the same fraction of the epoch."""
+        missing = {"epoch", "batches_consumed", "world_size", "batch_size", "seed"} - state.keys()
+        if missing:
+            raise ValueError(f"not a ShardStream state (missing {sorted(missing)})")
+        if self.resampled:
+            self._epoch, self._consumed = state["epoch"], self._rescaled_position(state)
+            return
+        self._refuse_mismatch(state)
+        self._epoch, self._consumed = state["epoch"], state["batches_consumed"]
+
+    def _rescaled_position(self, state: dict[str, Any]) -> int:
+        samples_done = state["batches_consumed"] * state["batch_size"] * state["world_size"]
+        return min(samples_done // (self.batch_size * self.world_size), self._batches_per_epoch)
+
+    def _refuse_mismatch(self, state: dict[str, Any]) -> None:
+        current = self.state_dict()
+        for key in ("world_size", "batch_size", "seed", "block_size", "dataset"):
+            if key in state and state[key] != current[key]:
+                hint = (
+                    " (exact resume needs the world size it was saved with; relaunch with "
+                    f"{state[key]} processes, or use resampled=True for a statistical resume)"
+                    if key == "world_size"
+                    else "; exact resume needs the same data settings (or resampled=True)"
+                )
+                raise ValueError(
+                    f"cannot resume data position: checkpoint has {key}={state[key]!r}, "
+                    f"this run has {current[key]!r}{hint}"
+                )
+        if state.get("resampled"):
+            raise ValueError("checkpoint data position is from resampled mode; construct with resampled=True")
