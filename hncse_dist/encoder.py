@@ -81,11 +81,17 @@ class Encoder(nn.Module):
         if saved.is_file() and pooler is None:
             meta = json.loads(saved.read_text())
             pooler, mlp_only_train = meta["pooler"], meta["mlp_only_train"]
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the dropped BERT pooler is expected, not news
         try:
             # BERT's pooler is never used here and would leave DDP with unused parameters.
             backbone = AutoModel.from_pretrained(path, add_pooling_layer=False, **model_kwargs)
         except TypeError:
             backbone = AutoModel.from_pretrained(path, **model_kwargs)
+        finally:
+            hf_logging.set_verbosity(verbosity)
         tokenizer = AutoTokenizer.from_pretrained(path)
         enc = cls(backbone, tokenizer, pooler=pooler or "cls", mlp_only_train=mlp_only_train)
         head_file = Path(path) / HEAD_FILE
