@@ -49,10 +49,18 @@ def _train(argv: list[str]) -> int:
     from .train import train
 
     try:
-        return train(cfg)
+        code = train(cfg)
     except ConfigError as err:
         print(f"hncse-dist train: error: {err}", file=sys.stderr)
         return 2
+    if cfg.deepspeed:
+        # Everything is written and every rank has passed the final barrier. DeepSpeed's CPU
+        # communication threads can abort the interpreter's teardown ("terminate called
+        # without an active exception"), turning a finished run into a failed one.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:

@@ -293,7 +293,10 @@ def maybe_eval(cfg, acc, model, state, log, out_dir: Path, step: int) -> None:
     if cfg.eval_file is None:
         return
     if cfg.deepspeed and acc.state.deepspeed_plugin.zero_stage == 3:
-        score = None  # parameters are sharded: evaluation needs every rank, see export()
+        # Parameters are sharded: every rank runs the same forwards so ZeRO-3's parameter
+        # all-gathers match up; rank 0's score is the one used.
+        score = _eval_dev(cfg, acc.unwrap_model(model))
+        model.train()
     elif acc.is_main_process:
         score = _eval_dev(cfg, acc.unwrap_model(model))
         model.train()
