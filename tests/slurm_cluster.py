@@ -37,6 +37,7 @@ MUNGE_SOCKET_DIR = Path("/run/munge")
 MUNGE_PID_FILE = MUNGE_SOCKET_DIR / "munged.pid"
 # Finished jobs must stay visible to `scontrol show job` (there is no accounting database).
 MIN_JOB_AGE_S = 3600
+CRED_EXPIRE_S = int(os.environ.get("HNCSE_SLURM_CRED_EXPIRE", "5"))
 # Slurm states in which a job will not run again by itself.
 TERMINAL_STATES = frozenset(
     {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
@@ -111,6 +112,9 @@ ClusterName=hncsetest
 SlurmctldHost={hostname}(127.0.0.1)
 AuthType=auth/munge
 CredType=cred/munge
+# cred_expire also sets how long a requeued job waits before it may start again
+# (BeginTime = requeue time + cred_expire + 1; default 120 s). Short for fast tests.
+AuthInfo=cred_expire={CRED_EXPIRE_S}
 SlurmUser=root
 SlurmdUser=root
 SlurmctldPort=6817
@@ -138,6 +142,7 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
 JobRequeue=1
+MailProg=/bin/true
 MinJobAge={MIN_JOB_AGE_S}
 KillWait=10
 InactiveLimit=0
@@ -205,6 +210,7 @@ class SlurmCluster:
     cpus: int = field(default_factory=lambda: os.cpu_count() or 1)
     started_munge: bool = False
     _procs: list[subprocess.Popen] = field(default_factory=list)
+    _lock: object = None
 
     @property
     def conf(self) -> Path:
@@ -217,10 +223,11 @@ class SlurmCluster:
                     PATH=os.environ.get("PATH", "") + ":" + SBIN_PATH)
 
     # ---------------------------------------------------------------- lifecycle
-    def start(self, timeout: float = 30.0) -> SlurmCluster:
+    def start(self, timeout: float = 30.0, lock_timeout: float = 900.0) -> SlurmCluster:
         if os.geteuid() != 0:
             raise SlurmUnavailable("starting slurmd needs root")
         install_slurm()
+        self._acquire_lock(lock_timeout)
         self._stop_stale_daemons()
         shutil.rmtree(self.base, ignore_errors=True)
         for sub in ("state", "spool", "log"):
@@ -259,6 +266,32 @@ class SlurmCluster:
                 _stop_pid(pid)
             (self.base / "munge-started").unlink(missing_ok=True)
             self.started_munge = False
+        self._release_lock()
+
+    def _acquire_lock(self, timeout: float) -> None:
+        """One cluster per machine (fixed ports): a second test session waits for the first."""
+        import fcntl
+
+        if self._lock is not None:
+            return
+        self.base.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(f"{self.base}.lock", "w")
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._lock = lock
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    lock.close()
+                    raise SlurmUnavailable(f"another session holds {self.base}.lock for > {timeout} s")
+                time.sleep(1)
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # closing drops the flock
+            self._lock = None
 
     def _stop_stale_daemons(self) -> None:
         """A crashed earlier session may have left our daemons running (they hold the ports)."""

