@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,9 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(ObjectiveConfig):
+    """Every training option; the objective's options are inherited from ObjectiveConfig."""
+
     # model
     model_name_or_path: str = "all-MiniLM-L6-v2"  # the embedded default model; any HF encoder works
     pooler: str = "cls"
@@ -48,22 +50,6 @@ class TrainConfig:
     # negative bank
     bank_size: int = 16  # previous global minibatches kept for HNM; 0 disables the bank
     bank_warmup_steps: int = 0  # steps before HNM draws from the bank
-    # objective options (see hncse_dist.objective.ObjectiveConfig)
-    temperature: float = 0.05
-    pm_threshold: float = 0.1
-    pm_w1: float = 0.8
-    pm_w2: float = 0.2
-    pm_nonpositive: str = "skip"
-    pm_weight_grad: bool = False
-    hnm_k: int = 10
-    hnm_m: int = 40
-    hnm_alpha: float | None = 0.5
-    hnm_query_mix: int = 0
-    hnm_beta_max: float = 0.5
-    hnm_use_batch: bool = True
-    hnm_grad: bool = False
-    hnm_mask_duplicates: bool = True
-    bank_in_logits: bool = False
     # loop, logging, evaluation, checkpoints
     output_dir: str = "runs/hncse"
     log_every: int = 10
@@ -81,8 +67,7 @@ class TrainConfig:
     extra: dict = field(default_factory=dict, repr=False)
 
     def objective_config(self) -> ObjectiveConfig:
-        names = {f.name for f in fields(ObjectiveConfig)}
-        return ObjectiveConfig(**{k: v for k, v in asdict(self).items() if k in names})
+        return ObjectiveConfig(**{f.name: getattr(self, f.name) for f in fields(ObjectiveConfig)})
 
     def validate(self) -> "TrainConfig":
         if self.objective not in OBJECTIVES:
@@ -110,7 +95,7 @@ class TrainConfig:
         if self.mixed_precision == "fp32":
             self.mixed_precision = "no"
         try:
-            self.objective_config().validate()
+            ObjectiveConfig.validate(self)
         except ValueError as err:
             raise ConfigError(str(err)) from err
         return self

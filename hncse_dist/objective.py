@@ -21,7 +21,7 @@ OBJECTIVES = ("simcse", "pm", "hnm", "hncse")
 PM_NONPOSITIVE = ("skip", "fixed")
 
 
-@dataclass(frozen=True)
+@dataclass
 class ObjectiveConfig:
     """Every choice of the objective; the defaults are documented in the README."""
 
