@@ -9,6 +9,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -201,7 +202,7 @@ def train(cfg: TrainConfig) -> int:
               f"{steps} steps | objective {cfg.objective} | device {acc.device}")
     obj_cfg = cfg.objective_config()
     bar = None
-    if cfg.progress and acc.is_main_process:
+    if cfg.progress and acc.is_main_process and sys.stderr.isatty():  # no bar spam in batch logs
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, initial=state["step"], desc="train", unit="step", dynamic_ncols=True)

@@ -105,7 +105,20 @@ def _mem_mb() -> int:
     return 1024
 
 
-def slurm_conf_text(base: Path, hostname: str, cpus: int, mem_mb: int) -> str:
+def detect_node_hardware(fallback_cpus: int) -> tuple[int, str]:
+    """(CPUs, topology) as slurmd itself sees this machine (`slurmd -C`), so the node never
+    comes up drained for claiming more sockets/cores/threads than it has."""
+    slurmd = _which("slurmd")
+    proc = subprocess.run([slurmd, "-C"], capture_output=True, text=True, timeout=30) if slurmd else None
+    line = proc.stdout.splitlines()[0] if proc and proc.returncode == 0 and proc.stdout else ""
+    fields = dict(kv.split("=", 1) for kv in line.split() if "=" in kv)
+    keys = ("Boards", "SocketsPerBoard", "CoresPerSocket", "ThreadsPerCore")
+    if "CPUs" not in fields:
+        return fallback_cpus, ""
+    return int(fields["CPUs"]), " ".join(f"{k}={fields[k]}" for k in keys if k in fields)
+
+
+def slurm_conf_text(base: Path, hostname: str, cpus: int, mem_mb: int, topology: str = "") -> str:
     return f"""\
 # Written by tests/slurm_cluster.py: single-node test cluster. Safe to delete.
 ClusterName=hncsetest
@@ -148,7 +161,7 @@ KillWait=10
 InactiveLimit=0
 MessageTimeout=20
 SlurmdTimeout=300
-NodeName={hostname} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={mem_mb} State=UNKNOWN
+NodeName={hostname} NodeAddr=127.0.0.1 CPUs={cpus} {topology} RealMemory={mem_mb} State=UNKNOWN
 PartitionName=debug Nodes={hostname} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 """
 
@@ -232,7 +245,8 @@ class SlurmCluster:
         shutil.rmtree(self.base, ignore_errors=True)
         for sub in ("state", "spool", "log"):
             (self.base / sub).mkdir(parents=True, exist_ok=True)
-        self.conf.write_text(slurm_conf_text(self.base, self.hostname, self.cpus, _mem_mb()))
+        self.cpus, topology = detect_node_hardware(self.cpus)
+        self.conf.write_text(slurm_conf_text(self.base, self.hostname, self.cpus, _mem_mb(), topology))
         self._start_munge()
         log = open(self.base / "log" / "daemons.out", "ab")
         for daemon in ("slurmctld", "slurmd"):

@@ -23,10 +23,11 @@ from tests.slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (sess
 TRAIN_SBATCH = REPO / "slurm" / "train.sbatch"
 SCALING_SH = REPO / "slurm" / "scaling.sh"
 JOB_TIMEOUT_S = 240
-# One node with every core of this machine, no GPUs: overrides the GPU defaults of the header.
-CPU_JOB = ("--nodes=1", "--gpus-per-node=0", f"--cpus-per-task={os.cpu_count() or 1}",
-           "--time=00:15:00")
 
+
+def cpu_job(cluster: SlurmCluster) -> tuple[str, ...]:
+    """One node with all its CPUs and no GPUs: overrides the GPU defaults of the header."""
+    return ("--nodes=1", "--gpus-per-node=0", f"--cpus-per-task={cluster.cpus}", "--time=00:15:00")
 
 
 def job_env(procs: int) -> dict[str, str]:
@@ -85,7 +86,7 @@ def test_train_sbatch_one_node_two_processes(slurm_cluster: SlurmCluster, tiny_b
     job_id = slurm_cluster.sbatch(
         TRAIN_SBATCH, *train_overrides(tiny_bert, corpus, max_steps=6, save_every=3,
                                        output_dir=out),
-        sbatch_options=(*CPU_JOB, "--job-name=hncse-smoke"), env=job_env(2), cwd=tmp_path)
+        sbatch_options=(*cpu_job(slurm_cluster), "--job-name=hncse-smoke"), env=job_env(2), cwd=tmp_path)
     info = wait_done(slurm_cluster, tmp_path, job_id)
     log = job_log(tmp_path, job_id)
     why = diagnostics(slurm_cluster, tmp_path, job_id)
@@ -116,7 +117,7 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm_cluster: SlurmCluster, tiny
     job_id = slurm_cluster.sbatch(
         TRAIN_SBATCH, *train_overrides(tiny_bert, corpus, max_steps=max_steps, save_every=0,
                                        eval_file="null", output_dir=out),
-        sbatch_options=(*CPU_JOB, "--job-name=hncse-requeue"), env=job_env(2), cwd=tmp_path)
+        sbatch_options=(*cpu_job(slurm_cluster), "--job-name=hncse-requeue"), env=job_env(2), cwd=tmp_path)
 
     # Signal once training is under way (steps visible in metrics.jsonl).
     deadline = time.monotonic() + JOB_TIMEOUT_S
@@ -159,6 +160,61 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm_cluster: SlurmCluster, tiny
     assert (out / "checkpoints" / f"step-{max_steps:08d}" / "COMPLETE").is_file()
 
 
+# A trainer stand-in honouring the contract (no torch: starts in a blink): a step every
+# 0.1 s, SIGUSR1/SIGTERM -> finish the step, checkpoint, exit 75.
+STANDIN_TRAINER = """
+import json, os, signal, sys, time
+kv = dict(a.split("=", 1) for a in sys.argv[2:] if "=" in a)
+out, rank = kv["output_dir"], int(os.environ["RANK"])
+stop = []
+for sig in (signal.SIGUSR1, signal.SIGTERM):
+    signal.signal(sig, lambda s, f: stop.append(s))
+os.makedirs(out, exist_ok=True)
+for step in range(1, int(kv["max_steps"]) + 1):
+    time.sleep(0.1)
+    if rank == 0:
+        with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, "loss": 1.0}) + "\\n")
+    if stop:
+        ckpt = os.path.join(out, "checkpoints", f"step-{step:08d}")
+        os.makedirs(ckpt, exist_ok=True)
+        open(os.path.join(ckpt, "COMPLETE"), "w").close()
+        print(f"rank {rank}: signal {stop[0]}, checkpoint at step {step}, exit 75", flush=True)
+        sys.exit(75)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_scancel_checkpoints_but_is_not_requeued(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    """SIGTERM (scancel, preemption, the limit itself) must not bring a job back."""
+    trainer = tmp_path / "standin_trainer.py"
+    trainer.write_text(STANDIN_TRAINER)
+    env = job_env(2)
+    env["HNCSE_TRAIN_CMD"] = f"{sys.executable} {trainer}"
+    out = tmp_path / "run"
+    job_id = slurm_cluster.sbatch(TRAIN_SBATCH, "max_steps=3000", f"output_dir={out}",
+                                  sbatch_options=(*cpu_job(slurm_cluster), "--job-name=hncse-cancel"),
+                                  env=env, cwd=tmp_path)
+    deadline = time.monotonic() + 60
+    while not ((out / "metrics.jsonl").is_file() and len(train_steps(out)) >= 3):
+        assert time.monotonic() < deadline, diagnostics(slurm_cluster, tmp_path, job_id)
+        time.sleep(0.2)
+    slurm_cluster.command("scancel", str(job_id))
+    deadline = time.monotonic() + 30
+    while "not requeueing" not in job_log(tmp_path, job_id):
+        assert time.monotonic() < deadline, diagnostics(slurm_cluster, tmp_path, job_id)
+        time.sleep(0.2)
+    time.sleep(1)
+    info = slurm_cluster.job(job_id)
+    why = diagnostics(slurm_cluster, tmp_path, job_id)
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", why
+    assert "requeueing job" not in job_log(tmp_path, job_id), why
+    codes = [p.read_text().strip() for p in sorted((out / "slurm-status").glob("*/rank-*.exit"))]
+    assert codes == ["75", "75"], why  # the ranks did checkpoint on SIGTERM
+    assert list((out / "checkpoints").glob("step-*/COMPLETE")), why
+
+
 @pytest.mark.slow
 @pytest.mark.slurm
 def test_scaling_study_and_report_job(slurm_cluster: SlurmCluster, tiny_bert, corpus,
@@ -171,7 +227,9 @@ def test_scaling_study_and_report_job(slurm_cluster: SlurmCluster, tiny_bert, co
     del env["HNCSE_PROCS_PER_NODE"]  # set per point by --procs-per-node
     proc = subprocess.run(
         [str(SCALING_SH), "--cpu", "--nodes", "1", "--procs-per-node", "1 2", "--out", str(study),
-         "--sbatch", f"--cpus-per-task={os.cpu_count() or 1} --time=00:15:00",
+         # One core each, so both points run side by side (the test checks the plumbing,
+         # not the numbers).
+         "--sbatch", "--cpus-per-task=1 --time=00:15:00",
          *train_overrides(tiny_bert, corpus, max_steps=8, eval_every=4)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
