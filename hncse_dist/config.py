@@ -104,17 +104,45 @@ class TrainConfig(ObjectiveConfig):
 CONFIG_KEYS = tuple(f.name for f in fields(TrainConfig) if f.name != "extra")
 
 
-def _coerce(name: str, raw: str, current: Any) -> Any:
-    """Parse an override string with YAML rules (numbers, booleans, null)."""
+def _field_types() -> dict[str, str]:
+    return {f.name: str(f.type) for f in fields(TrainConfig)}
+
+
+def _typed(key: str, value: Any) -> Any:
+    """Convert ``value`` (from YAML or an override) to the key's declared type, or say why not.
+
+    YAML reads 3e-5 as a string (it wants 3.0e-5); a number-typed key accepts both.
+    """
+    kind = _field_types()[key]
+    if value is None:
+        if "None" in kind:
+            return None
+        raise ConfigError(f"{key} cannot be null")
     try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        value = raw
-    if isinstance(current, str) and not isinstance(value, str) and value is not None:
-        value = raw  # e.g. output_dir=2024 stays a string
-    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+        if kind.startswith("bool"):
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        if kind.startswith("int"):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if kind.startswith("float"):
+            return float(value)
+        if kind.startswith("str"):
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={value!r} is not a valid {kind.split(' ')[0]}") from None
     return value
+
+
+def _parse_override(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
 
 
 def _check_key(key: str) -> None:
@@ -136,7 +164,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
             raise ConfigError(f"{path} must be a YAML mapping of key: value")
         for key, value in loaded.items():
             _check_key(key)
-            values[key] = _resolve_relative(key, value, p.parent)
+            values[key] = _typed(key, _resolve_relative(key, value, p.parent))
     cfg = TrainConfig(**values)
     for item in overrides:
         if "=" not in item:
@@ -144,7 +172,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         key, raw = item.split("=", 1)
         key = key.strip().lstrip("-").replace("-", "_")
         _check_key(key)
-        setattr(cfg, key, _coerce(key, raw, getattr(cfg, key)))
+        setattr(cfg, key, _typed(key, _parse_override(raw)))
     return cfg
 
 
