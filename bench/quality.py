@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/quality.py                       # full protocol, about an hour on 2 cores
     .venv/bin/python bench/quality.py --steps 20 --sweep-steps 10 --seeds 1   # smoke run
+    .venv/bin/python bench/quality.py --seeds 1 --no-sweep  # one seed each, default HNCSE options
 
 Protocol (every run: same Wikipedia sentences from $HNCSE_DATA_DIR/corpus, same steps, batch,
 precision; SimCSE's selection = the STS-B dev best of the evaluations every --eval-every steps):
@@ -91,6 +92,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--precision", default="bf16")
+    ap.add_argument("--no-sweep", action="store_true", help="skip step 2: HNCSE keeps the documented defaults")
     ap.add_argument("--work", default=str(REPO / "runs" / "quality"))
     ap.add_argument("--results", default=str(REPO / "bench" / "results" / "quality.json"))
     args = ap.parse_args()
@@ -115,7 +117,7 @@ def main() -> None:
     # 2. sweep on STS-B dev only
     sweep = results.setdefault("sweep", {})
     tuned: dict = {}
-    for factor, options in SWEEP.items():
+    for factor, options in ({} if args.no_sweep else SWEEP).items():
         for i, opt in enumerate(options):
             name = f"sweep-{factor}-{i}"
             if name not in sweep:

@@ -99,6 +99,11 @@ class Encoder(nn.Module):
             enc.head.load_state_dict(torch.load(head_file, map_location="cpu", weights_only=True))
         return enc
 
+    @property
+    def config(self):
+        """The backbone's config: DeepSpeed's "auto" bucket sizes are derived from hidden_size."""
+        return self.backbone.config
+
     def uses_head(self) -> bool:
         return self.head is not None and (self.training or not self.mlp_only_train)
 
