@@ -23,7 +23,8 @@ def _checkpoint_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
         if (ckpt / name).is_dir():
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-            return get_fp32_state_dict_from_zero_checkpoint(str(ckpt / name), tag=None)
+            # Accelerate saves the engine with the folder name as DeepSpeed's tag.
+            return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=name)
     bin_file = ckpt / "pytorch_model.bin"
     if bin_file.is_file():
         return torch.load(bin_file, map_location="cpu", weights_only=True)

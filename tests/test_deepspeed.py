@@ -42,3 +42,8 @@ def test_zero_loss_curve_equals_ddp(tmp_path, tiny_bert, corpus, ddp_run, stage)
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+    # a sharded checkpoint consolidates through 'hncse-dist export' to the same weights
+    run_cli(["export", str(out / "checkpoints" / "step-00000005"), str(tmp_path / "exported")])
+    c = load_file(str(tmp_path / "exported" / "model.safetensors"))
+    for k in b:
+        torch.testing.assert_close(c[k], b[k], rtol=1e-6, atol=1e-7)

@@ -1,4 +1,4 @@
-"""Preemption: SIGUSR1 at an arbitrary step -> checkpoint -> exit 75 -> resume=latest, and the
+"""Preemption: SIGTERM / SIGUSR1 at an arbitrary step -> checkpoint -> exit 75 -> resume=latest, and the
 loss curve equals an uninterrupted run's, bit for bit (fp32, CPU, same world size)."""
 
 import json
@@ -60,8 +60,9 @@ def test_preempt_checkpoint_resume_reproduces_the_loss_curve(tmp_path, tiny_bert
 
     run = launch(common(tiny_bert, corpus, out, **kw), nproc)
     wait_for_step(out, 3, run)
+    sig = "-TERM" if nproc == 1 else "-USR1"  # both are Slurm's warning signals
     for pid in trainer_pids(run, nproc):
-        subprocess.run(["kill", "-USR1", str(pid)])
+        subprocess.run(["kill", sig, str(pid)])
     log = run.communicate(timeout=300)[0]
     assert "exiting 75" in log, log[-4000:]
     if nproc == 1:
