@@ -59,6 +59,10 @@ def test_two_process_training_syncs_and_exports(tmp_path, tiny_bert, corpus):
     from transformers import AutoModel
 
     AutoModel.from_pretrained(str(out / "final"))
+    # the last checkpoint exports to the same model as the run's final export
+    run_cli(["export", str(out / "checkpoints" / "step-00000004"), str(tmp_path / "exported")])
+    again = Encoder.from_pretrained(str(tmp_path / "exported"), pooler=None).encode(sentences)
+    torch.testing.assert_close(again, ours)
 
 
 @pytest.mark.parametrize(
