@@ -36,3 +36,24 @@ def write_corpus(path: str | Path, n: int, seed: int = 0) -> str:
     lines = [f"{i} " + " ".join(rng.choice(words) for _ in range(rng.randint(4, 14))) for i in range(n)]
     Path(path).write_text("\n".join(lines) + "\n")
     return str(path)
+
+
+class HashEncoder:
+    """Deterministic bag-of-words embeddings (token hash buckets); records its calls."""
+
+    def __init__(self, dim: int = 64):
+        self.dim = dim
+        self.calls: list[list[str]] = []
+
+    def encode(self, sentences, batch_size=128, max_length=512, progress=False):
+        import zlib
+
+        import numpy as np
+        import torch
+
+        self.calls.append(list(sentences))
+        out = np.zeros((len(sentences), self.dim), dtype=np.float32)
+        for i, sentence in enumerate(sentences):
+            for token in sentence.split():
+                out[i, zlib.crc32(token.encode()) % self.dim] += 1.0
+        return torch.from_numpy(out)

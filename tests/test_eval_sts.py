@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import zlib
 
 import numpy as np
 import pytest
@@ -31,27 +30,12 @@ from hncse_dist.eval.sts import (
 )
 
 from tests.datadir import data_dir, eval_tiny_bert, restore_torch_threads  # noqa: F401  (fixtures)
+from tests.fixtures import HashEncoder
 
 EXPECTED_PAIRS = {
     "STS12": 3108, "STS13": 1500, "STS14": 3750, "STS15": 3000, "STS16": 1186,
     "STSBenchmark": 1379, "SICKRelatedness": 4927,
 }
-
-
-class HashEncoder:
-    """Deterministic bag-of-words embeddings (token hash buckets); records its calls."""
-
-    def __init__(self, dim: int = 64):
-        self.dim = dim
-        self.calls: list[list[str]] = []
-
-    def encode(self, sentences, batch_size=128, max_length=512, progress=False):
-        self.calls.append(list(sentences))
-        out = np.zeros((len(sentences), self.dim), dtype=np.float32)
-        for i, sentence in enumerate(sentences):
-            for token in sentence.split():
-                out[i, zlib.crc32(token.encode()) % self.dim] += 1.0
-        return torch.from_numpy(out)
 
 
 # ---------------------------------------------------------------- loaders

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import zlib
 
 import numpy as np
 import pytest
-import torch
 
 from hncse_dist.eval import eval_main
 from hncse_dist.eval.embed import EmbeddingTable
@@ -26,6 +24,7 @@ from hncse_dist.eval.transfer import (
 )
 
 from tests.datadir import data_dir, eval_tiny_bert, restore_torch_threads  # noqa: F401  (fixtures)
+from tests.fixtures import HashEncoder
 
 EXPECTED_COUNTS = {
     "MR": {"all": 10662},
@@ -37,22 +36,6 @@ EXPECTED_COUNTS = {
     "MRPC": {"train": 4076, "test": 1725},
 }
 FAST = ClassifierConfig(c_grid=(0.1, 1.0), folds=5, inner_folds=3)
-
-
-class HashEncoder:
-    """Deterministic bag-of-words embeddings (token hash buckets); records its calls."""
-
-    def __init__(self, dim: int = 64):
-        self.dim = dim
-        self.calls: list[list[str]] = []
-
-    def encode(self, sentences, batch_size=128, max_length=512, progress=False):
-        self.calls.append(list(sentences))
-        out = np.zeros((len(sentences), self.dim), dtype=np.float32)
-        for i, sentence in enumerate(sentences):
-            for token in sentence.split():
-                out[i, zlib.crc32(token.encode()) % self.dim] += 1.0
-        return torch.from_numpy(out)
 
 
 # ---------------------------------------------------------------- loaders
