@@ -27,7 +27,7 @@ class ObjectiveConfig:
 
     temperature: float = 0.05
     # Positive mixing. w1/w2 are fixed weights for the "small gap" case (the reference code
-    # searches them with Optuna at every step); chosen by the sweep in BENCHMARKS.md.
+    # searches them with Optuna at every step); bench/quality.py sweeps them on STS-B dev.
     pm_threshold: float = 0.1
     pm_w1: float = 0.8
     pm_w2: float = 0.2
