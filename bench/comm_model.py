@@ -7,16 +7,16 @@ Run from the repository root:
 Writes bench/results/comm_model.json and bench/results/comm_model.md (also printed).
 
 What one training step of the product moves between ranks (hncse_dist.objective.hncse_loss,
-hncse_dist.bank.NegativeBank.push_local, hncse_dist.train), per rank, objective = hncse:
+hncse_dist.bank.NegativeBank, hncse_dist.train), per rank, objective = hncse:
   * z2 all-gather with gradient: forward all-gather of [n, h] from every rank, backward
     reduce-scatter of the [W*n, h] gradient (same ring bytes);
   * PM's mixed positives z2': a second all-gather + reduce-scatter of [n, h];
   * HNM duplicate masking: all-gather of the int64 sentence keys [n];
-  * bank push: all-gather of z2.detach() [n, h] and of the keys again (the loss already
-    gathered both: the product gathers them twice);
+  * bank push: nothing: the loss hands its gathered z2 and keys to the bank (earlier versions
+    all-gathered z2.detach() and the keys a second time for it; the last table prices that);
   * two 4-byte all-reduces (non-finite-loss skip, preemption flag), modelled as trees.
 Those sit on the critical path (the loss needs z2_all; the encoder backward needs the
-reduce-scattered gradient; the bank push is synchronous). DDP's gradient all-reduce
+reduce-scattered gradient). DDP's gradient all-reduce
 (2 (W-1)/W * params * grad bytes on the wire per rank, ring) is bucketed and overlaps the
 backward, so it is reported separately, not added to the exposed time.
 
@@ -33,10 +33,10 @@ peak, typical of BERT at sequence length 32), floored at the kernel-launch time 
 Bank (hnm / hncse): B = 16 global minibatches, identical on every rank: memory B * G * h * b
 (G = global batch). Per step each rank scores its n queries against C = (B + 1) * G candidates
 (bank + current global batch). The product as written: torch.cat([z2_all, bank]) (copy),
-F.normalize of all C rows (about 3 passes), an fp32 [n, C] matmul, masked_fill + top-k, and
-again normalize + matmul + top-k for the logged HNM statistics. "Optimized": bank stored
-already normalized at push time, scored in place (no cat), one matmul whose result is reused
-for the statistics. Each kernel costs max(bytes / HBM_BW, flops / rate).
+F.normalize of all C rows (about 3 passes), one fp32 [n, C] matmul whose result serves the
+top-k, the synthetic logits (closed form, no [n, m, h] synthetics) and the logged statistics,
+masked_fill + top-k. "Optimized": bank stored already normalized at push time and scored in
+place (no cat, no normalize). Each kernel costs max(bytes / HBM_BW, flops / rate).
 """
 
 from __future__ import annotations
@@ -135,8 +135,13 @@ def collectives(n: int, world: int, hidden: int, emb_bytes: int) -> dict[str, li
         "pm_mixed_allgather_fwd": [z],
         "pm_mixed_reducescatter_bwd": [z],
         "hnm_keys_allgather": [keys],
-        "bank_push_allgather": [z, keys],  # z2.detach() and keys, re-gathered
     }
+
+
+def separate_bank_push(n: int, world: int, hidden: int, emb_bytes: int) -> list[float]:
+    """What a bank push with its own gathers would add (earlier versions): z2.detach() and keys."""
+    g = world * n
+    return [g * hidden * emb_bytes, g * KEY_BYTES]
 
 
 def bank_costs(model: Model, n: int, world: int, emb_bytes: int) -> dict[str, float]:
@@ -152,10 +157,6 @@ def bank_costs(model: Model, n: int, world: int, emb_bytes: int) -> dict[str, fl
     as_is = (
         kernel_s(2 * cand * row_bytes)  # torch.cat([z2_all, bank])
         + kernel_s(3 * cand * row_bytes)  # F.normalize(candidates)
-        + kernel_s(cand * row_bytes + sim_bytes, sim_flops, matmul_rate)
-        + kernel_s(topk_bytes)
-        # _hnm_stats: cosine_matrix(z1, pool) normalizes and multiplies again, then top-k
-        + kernel_s(3 * cand * row_bytes)
         + kernel_s(cand * row_bytes + sim_bytes, sim_flops, matmul_rate)
         + kernel_s(topk_bytes)
     )
@@ -186,7 +187,7 @@ def scenario(model: Model, world: int, n: int, emb_bytes: int, batch_mode: str) 
     out["gathered_total_bytes"] = sum(flat)
     out["gathered_wire_bytes_per_rank"] = (world - 1) / world * sum(flat)
     out["ddp_wire_bytes_per_rank"] = 2 * (world - 1) / world * out["ddp_allreduce_bytes"]
-    duplicate_push = sum(colls["bank_push_allgather"])
+    extra_push = separate_bank_push(n, world, model.hidden, emb_bytes)
     out["links"] = {}
     for bw in LINK_GBPS:
         row = {}
@@ -203,15 +204,14 @@ def scenario(model: Model, world: int, n: int, emb_bytes: int, batch_mode: str) 
                 "latency_share": 1.0 - bandwidth_part / comm,
                 "collectives_per_step": len(flat) + 2,
                 "ddp_allreduce_s": ring_allreduce_s(out["ddp_allreduce_bytes"], world, bw, log),
-                "saved_by_reusing_gathered_z2_for_bank_s": sum(ring_gather_s(b, world, bw, log)
-                                                               for b in colls["bank_push_allgather"]),
+                "separate_bank_push_s": sum(ring_gather_s(b, world, bw, log) for b in extra_push),
             }
         out["links"][f"{bw:g}GBps"] = row
     out["bank"] = bank_costs(model, n, world, emb_bytes)
     out["bank"]["as_is_frac_of_compute"] = out["bank"]["hnm_as_is_s"] / compute_s
     out["bank"]["optimized_frac_of_compute"] = out["bank"]["hnm_optimized_s"] / compute_s
     out["bank"]["memory_frac_of_gpu"] = out["bank"]["bank_memory_gb"] / GPU_MEMORY_GB
-    out["duplicate_bank_push_bytes"] = duplicate_push
+    out["separate_bank_push_bytes"] = sum(extra_push)
     return out
 
 
@@ -265,16 +265,17 @@ def markdown(rows: list[dict], limits: list[dict]) -> str:
         f"{FP32_MATMUL_TFLOPS:g} TFLOP/s (bf16 bank: {BF16_MATMUL_TFLOPS:g}), HBM {HBM_GBPS:g} GB/s, "
         f"{ALPHA_S * 1e6:g} us per ring hop, objective hncse (k={HNM_K}, m={HNM_M}), bank {BANK_BATCHES} global "
         f"batches, {VIEWS} views x {SEQ_LEN} tokens. 'comm' = exposed contrastive collectives per step "
-        "(z2 and PM gathers + their reduce-scatters, keys, bank push, 2 flags), ring latency. DDP all-reduce "
+        "(z2 and PM gathers + their reduce-scatters, keys, 2 flags), ring latency. DDP all-reduce "
         "of fp32 gradients overlaps the backward and is listed for scale. Bank 'as is' = the product's "
-        "current HNM scoring; 'opt' = pre-normalized bank scored in place, one matmul.",
+        "current HNM scoring (one matmul, closed-form synthetic logits); 'opt' = also a pre-normalized bank "
+        "scored in place (no cat, no normalize).",
         "",
     ]
     lines += [
         "### Bytes per step (output size of each collective; a ring moves (W-1)/W of it per rank)", "",
-        "| model | batch | W | emb | z2 AG fwd MB | z2 RS bwd MB | PM z2' AG+RS MB | keys AG KB | bank push MB | "
+        "| model | batch | W | emb | z2 AG fwd MB | z2 RS bwd MB | PM z2' AG+RS MB | keys AG KB | "
         "total MB | wire/rank MB | DDP AR wire/rank MB (fp32 grads) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         g = r["gathered_bytes"]
@@ -282,7 +283,7 @@ def markdown(rows: list[dict], limits: list[dict]) -> str:
             f"| {r['model']} | {r['batch_mode'].replace('_', ' ')} | {r['world']} | {r['emb_dtype']} | "
             f"{g['z2_allgather_fwd'] / 1e6:.2f} | {g['z2_reducescatter_bwd'] / 1e6:.2f} | "
             f"{(g['pm_mixed_allgather_fwd'] + g['pm_mixed_reducescatter_bwd']) / 1e6:.2f} | "
-            f"{g['hnm_keys_allgather'] / 1e3:.1f} | {g['bank_push_allgather'] / 1e6:.2f} | "
+            f"{g['hnm_keys_allgather'] / 1e3:.1f} | "
             f"{r['gathered_total_bytes'] / 1e6:.2f} | {r['gathered_wire_bytes_per_rank'] / 1e6:.2f} | "
             f"{r['ddp_wire_bytes_per_rank'] / 1e6:.0f} |"
         )
@@ -319,7 +320,7 @@ def markdown(rows: list[dict], limits: list[dict]) -> str:
             lines.append("")
     lines += [
         "### Product fix: the bank push reuses the loss's gathered z2 and keys (2 fewer all-gathers a step)", "",
-        "| model | W | emb | comm ms @25 as is / fixed (ring) | @25 as is / fixed (log) | @100 as is / fixed (ring) |",
+        "| model | W | emb | comm ms @25 separate push / now (ring) | @25 separate / now (log) | @100 separate / now (ring) |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -328,8 +329,8 @@ def markdown(rows: list[dict], limits: list[dict]) -> str:
         cells = []
         for bw, lat in (("25GBps", "ring"), ("25GBps", "log"), ("100GBps", "ring")):
             x = r["links"][bw][lat]
-            cells.append(f"{1e3 * x['contrastive_comm_s']:.2f} / "
-                         f"{1e3 * (x['contrastive_comm_s'] - x['saved_by_reusing_gathered_z2_for_bank_s']):.2f}")
+            cells.append(f"{1e3 * (x['contrastive_comm_s'] + x['separate_bank_push_s']):.2f} / "
+                         f"{1e3 * x['contrastive_comm_s']:.2f}")
         lines.append(f"| {r['model']} | {r['world']} | {r['emb_dtype']} | " + " | ".join(cells) + " |")
     lines += [
         "",

@@ -254,7 +254,7 @@ def make_hncse_step(setup: ModelSetup, objective: str, precision: str,
     def step(clock: PhaseClock) -> float:
         forward.clock = clock
         with clock.phase("forward+objective"):
-            loss, z1, z2, keys, stats = contrastive_step(forward, ids, mask, objective, obj_cfg, bank, generator)
+            loss, z1, z2, to_push, stats = contrastive_step(forward, ids, mask, objective, obj_cfg, bank, generator)
         if not bool(torch.isfinite(loss)):  # train.py's skip_nonfinite check
             raise FloatingPointError(f"non-finite loss in {objective}")
         with clock.phase("backward"):
@@ -265,7 +265,8 @@ def make_hncse_step(setup: ModelSetup, objective: str, precision: str,
             opt.step()
             opt.zero_grad(set_to_none=True)
         with clock.phase("bank"):
-            bank.push_local(z2.detach(), keys)
+            if to_push is not None:
+                bank.push(*to_push)
         return float(loss.detach())
 
     return step

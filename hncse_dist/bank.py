@@ -1,14 +1,13 @@
 """NegativeBank: a FIFO of the detached positives of the last B global minibatches.
 
-Every rank pushes the same all-gathered tensor, so the bank is identical everywhere without
-any broadcast; it is saved in (and restored from) the checkpoint.
+Every rank pushes the same all-gathered tensor (the global batch's z2 and sentence keys, which
+``hncse_loss`` gathers anyway and hands back), so the bank is identical everywhere without any
+broadcast or extra communication; it is saved in (and restored from) the checkpoint.
 """
 
 from __future__ import annotations
 
 import torch
-
-from .gather import gather_no_grad
 
 _HASH_MOD = (1 << 61) - 1
 
@@ -43,13 +42,6 @@ class NegativeBank:
     @property
     def fill_fraction(self) -> float:
         return self.filled / self.batches if self.batches else 0.0
-
-    @torch.no_grad()
-    def push_local(self, z: torch.Tensor, keys: torch.Tensor) -> None:
-        """All-gather this step's positives from every rank, then push them (no gradient)."""
-        if self.batches == 0:
-            return
-        self.push(gather_no_grad(z), gather_no_grad(keys))
 
     @torch.no_grad()
     def push(self, z: torch.Tensor, keys: torch.Tensor) -> None:

@@ -74,16 +74,20 @@ def info_nce(
     temperature: float = 0.05,
     extra_negatives: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
+    extra_cos: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy of rows s(z1_i, z2_j) with label ``labels[i]`` (default i).
 
-    ``extra_negatives`` [N, M, d]: M more negatives for each row, appended to its logits.
+    ``extra_negatives`` [N, M, d]: M more negatives for each row, appended to its logits;
+    ``extra_cos`` [N, M]: the same given directly as cosines (``hard_negative_cos``).
     z2 may hold more rows than z1 (all ranks' candidates, bank entries appended).
     """
-    logits = cosine_matrix(z1, z2) / temperature
+    parts = [cosine_matrix(z1, z2)]
     if extra_negatives is not None and extra_negatives.shape[1] > 0:
-        extra = torch.einsum("nd,nmd->nm", F.normalize(z1, dim=-1), F.normalize(extra_negatives, dim=-1))
-        logits = torch.cat([logits, extra / temperature], dim=1)
+        parts.append(torch.einsum("nd,nmd->nm", F.normalize(z1, dim=-1), F.normalize(extra_negatives, dim=-1)))
+    if extra_cos is not None and extra_cos.shape[1] > 0:
+        parts.append(extra_cos.to(parts[0].dtype))
+    logits = (torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]) / temperature
     if labels is None:
         labels = torch.arange(z1.shape[0], device=z1.device)
     if logits.dtype in (torch.float16, torch.bfloat16):
@@ -125,9 +129,16 @@ def positive_mix(
       d1 <= 0 (gap test undefined):        per ``nonpositive``: "skip" (unchanged) or "fixed"
     Cosines are used for the tests; the ratios are the same with cos/tau.
     """
+    mixed, mask, _, _ = _positive_mix(z1, z2, threshold, w1, w2, labels, nonpositive, weight_grad)
+    return mixed, mask
+
+
+def _positive_mix(z1, z2, threshold, w1, w2, labels, nonpositive, weight_grad):
+    """positive_mix, also returning the detached (cos positive, cos hardest negative) it used."""
     if labels is None:
         labels = torch.arange(z1.shape[0], device=z1.device)
     d1, d2, j = hardest_negatives(z1, z2, labels)
+    found = (d1.detach(), d2.detach())
     if not weight_grad:
         d1, d2 = d1.detach(), d2.detach()
     positive = d1 > 0
@@ -139,7 +150,37 @@ def positive_mix(
     w_pos = torch.where(fixed, w1 * one, torch.where(below, d1 / total, one))
     w_neg = torch.where(fixed, w2 * one, torch.where(below, d2 / total, zero))
     mixed = w_pos.unsqueeze(1).to(z2.dtype) * z2[labels] + w_neg.unsqueeze(1).to(z2.dtype) * z2[j]
-    return mixed, fixed | below
+    return mixed, fixed | below, *found
+
+
+def _hnm_draw(sim: torch.Tensor, k: int, m: int, alpha, query_mix: int, beta_max: float, generator):
+    """The random choices of HNM for masked similarities ``sim`` [N, C] (one place, so the
+    vector form and the closed form consume the generator identically).
+
+    Returns (top_sim [N, k'], top [N, k'], pa, pb [N, m] positions in the top-k, a [N, m],
+    pc [N, query_mix] positions, beta [N, query_mix]).
+    """
+    n, dev, dtype = sim.shape[0], sim.device, sim.dtype
+    k_eff = min(k, sim.shape[1])
+    top_sim, top = sim.topk(k_eff, dim=1)
+    # Rows with fewer than k usable candidates draw only among the usable ones.
+    usable = torch.isfinite(top_sim).sum(dim=1, keepdim=True).clamp_min(1)
+
+    def draw(count: int) -> torch.Tensor:
+        u = torch.rand((n, count), generator=generator, device=dev)
+        return (u * usable).long().clamp_max(k_eff - 1)
+
+    pa = pb = a = pc = beta = None
+    if m > 0:
+        pa, pb = draw(m), draw(m)
+        if alpha is None:
+            a = torch.rand((n, m, 1), generator=generator, device=dev, dtype=dtype).squeeze(-1)
+        else:
+            a = torch.full((n, m), float(alpha), device=dev, dtype=dtype)
+    if query_mix > 0:
+        beta = torch.rand((n, query_mix, 1), generator=generator, device=dev, dtype=dtype).squeeze(-1) * beta_max
+        pc = draw(query_mix)
+    return top_sim, top, pa, pb, a, pc, beta
 
 
 def hard_negative_mix(
@@ -160,37 +201,76 @@ def hard_negative_mix(
     ``exclude`` [N, C] bool masks some out). ``alpha=None`` draws alpha ~ U(0, 1) each.
     ``query_mix`` more are beta * q + (1 - beta) * n_a with beta ~ U(0, beta_max).
     Gradient flows to ``candidates`` only if they carry it; ``q`` is always detached.
+    The trainer uses ``hard_negative_cos``, which gives the cosines of q with these vectors
+    without building them.
     """
-    n, dev = q.shape[0], q.device
     qn = F.normalize(q.detach(), dim=-1)
     cn = F.normalize(candidates, dim=-1)
     sim = qn @ cn.detach().T
     if exclude is not None:
         sim = sim.masked_fill(exclude, float("-inf"))
-    k_eff = min(k, cn.shape[0])
-    top_sim, top = sim.topk(k_eff, dim=1)
-    # Rows with fewer than k usable candidates draw only among the usable ones.
-    usable = torch.isfinite(top_sim).sum(dim=1, keepdim=True).clamp_min(1)
-
-    def draw(count: int) -> torch.Tensor:
-        u = torch.rand((n, count), generator=generator, device=dev)
-        return top.gather(1, (u * usable).long().clamp_max(k_eff - 1))
-
+    _, top, pa, pb, a, pc, beta = _hnm_draw(sim, k, m, alpha, query_mix, beta_max, generator)
     out = []
     if m > 0:
-        na, nb = cn[draw(m)], cn[draw(m)]
-        if alpha is None:
-            a = torch.rand((n, m, 1), generator=generator, device=dev, dtype=cn.dtype)
-        else:
-            a = torch.full((n, m, 1), float(alpha), device=dev, dtype=cn.dtype)
-        out.append(F.normalize(a * na + (1 - a) * nb, dim=-1))
+        a = a.unsqueeze(-1).to(cn.dtype)
+        out.append(F.normalize(a * cn[top.gather(1, pa)] + (1 - a) * cn[top.gather(1, pb)], dim=-1))
     if query_mix > 0:
-        beta = torch.rand((n, query_mix, 1), generator=generator, device=dev, dtype=cn.dtype) * beta_max
-        nc = cn[draw(query_mix)].detach()
+        beta = beta.unsqueeze(-1).to(cn.dtype)
+        nc = cn[top.gather(1, pc)].detach()
         out.append(F.normalize(beta * qn.unsqueeze(1).to(cn.dtype) + (1 - beta) * nc, dim=-1))
     if not out:
-        return cn.new_zeros((n, 0, cn.shape[1]))
+        return cn.new_zeros((q.shape[0], 0, cn.shape[1]))
     return torch.cat(out, dim=1)
+
+
+def hard_negative_cos(
+    q: torch.Tensor,
+    candidates: torch.Tensor,
+    k: int = 10,
+    m: int = 40,
+    alpha: float | None = 0.5,
+    generator: torch.Generator | None = None,
+    exclude: torch.Tensor | None = None,
+    query_mix: int = 0,
+    beta_max: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos(q_i, s_ij) for the synthetics s of ``hard_negative_mix`` (same arguments, same
+    draws), in closed form: with unit n_a, n_b,
+
+        cos(q, norm(alpha n_a + (1 - alpha) n_b))
+            = (alpha cos(q, n_a) + (1 - alpha) cos(q, n_b)) / sqrt(alpha^2 + (1 - alpha)^2 + 2 alpha (1 - alpha) n_a.n_b)
+
+    so the [N, m, d] synthetics are never built: the cosines come from the [N, C] similarity
+    matrix that selects the top-k, and n_a.n_b from each row's [k, k] Gram matrix.
+    Gradient reaches ``q`` (what the loss needs) and ``candidates`` if they carry it, exactly
+    as through the explicit vectors. Returns (cos [N, m + query_mix], top-k cos [N, k'] detached).
+    """
+    qn = F.normalize(q, dim=-1)
+    cn = F.normalize(candidates, dim=-1)
+    full = qn @ cn.T  # [N, C]: selection (detached) and logits (with gradient) in one product
+    sim = full.detach()
+    if exclude is not None:
+        sim = sim.masked_fill(exclude, float("-inf"))
+    top_sim, top, pa, pb, a, pc, beta = _hnm_draw(sim, k, m, alpha, query_mix, beta_max, generator)
+    out = []
+    if m > 0:
+        topv = cn[top]  # [N, k', d]
+        k_eff = top.shape[1]
+        gram = (topv @ topv.transpose(1, 2)).flatten(1)  # [N, k'*k']
+        ab = gram.gather(1, pa * k_eff + pb)
+        ca, cb = full.gather(1, top.gather(1, pa)), full.gather(1, top.gather(1, pb))
+        a = a.to(full.dtype)
+        norm = (a * a + (1 - a) * (1 - a) + 2 * a * (1 - a) * ab).clamp_min(0).sqrt().clamp_min(1e-12)
+        out.append((a * ca + (1 - a) * cb) / norm)
+    if query_mix > 0:
+        ic = top.gather(1, pc)
+        beta = beta.to(full.dtype)
+        qq = (qn * qn.detach()).sum(-1, keepdim=True)  # = 1, with the gradient of q . q_detached
+        qc = torch.einsum("nd,nmd->nm", qn, cn.detach()[ic])
+        norm = (beta * beta + (1 - beta) * (1 - beta) + 2 * beta * (1 - beta) * full.detach().gather(1, ic))
+        out.append((beta * qq + (1 - beta) * qc) / norm.clamp_min(0).sqrt().clamp_min(1e-12))
+    cos = torch.cat(out, dim=1) if out else full.new_zeros((q.shape[0], 0))
+    return cos, top_sim
 
 
 def alignment(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
@@ -216,6 +296,7 @@ def hncse_loss(
     generator: torch.Generator | None = None,
     gather: bool = True,
     return_stats: bool = False,
+    gathered: dict | None = None,
     **options,
 ):
     """This rank's loss for ``objective`` in simcse | pm | hnm | hncse.
@@ -226,6 +307,8 @@ def hncse_loss(
     batches (identical on every rank), used as HNM candidates (and as logits if
     ``bank_in_logits``). ``keys``/``bank_keys``: int64 sentence hashes for duplicate masking.
     ``options`` override fields of ``config`` (see ObjectiveConfig).
+    ``gathered``: a dict that receives the detached global "z2" [W*n, d] and, when ``keys`` are
+    given, "keys" [W*n], so the caller can fill the negative bank without gathering again.
     Returns the loss, or (loss, stats) with ``return_stats``: stats are 0-dim detached tensors.
     """
     if objective not in OBJECTIVES:
@@ -235,44 +318,57 @@ def hncse_loss(
     n = z1.shape[0]
     labels = torch.arange(n, device=z1.device) + rank * n
     z2_all = gather_with_grad(z2) if world_size > 1 else z2
+    uses_hnm = objective in ("hnm", "hncse") and (cfg.hnm_m > 0 or cfg.hnm_query_mix > 0)
+    all_keys = None
+    if keys is not None and (gathered is not None or (uses_hnm and cfg.hnm_mask_duplicates)):
+        all_keys = gather_no_grad(keys) if world_size > 1 else keys
+    if gathered is not None:
+        gathered["z2"] = z2_all.detach()
+        if all_keys is not None:
+            gathered["keys"] = all_keys
     stats: dict[str, torch.Tensor] = {}
 
     candidates = z2_all
+    found = None  # (cos positive, cos hardest negative), when PM has computed them
     if objective in ("pm", "hncse"):
-        mixed, mask = positive_mix(
+        mixed, mask, *found = _positive_mix(
             z1, z2_all, cfg.pm_threshold, cfg.pm_w1, cfg.pm_w2, labels, cfg.pm_nonpositive, cfg.pm_weight_grad
         )
         candidates = gather_with_grad(mixed) if world_size > 1 else mixed
         stats["pm/trigger_rate"] = mask.float().mean().detach()
 
-    synthetic = None
-    if objective in ("hnm", "hncse") and (cfg.hnm_m > 0 or cfg.hnm_query_mix > 0):
-        pool, exclude = _hnm_pool(z1, z2_all, labels, bank, keys, bank_keys, cfg, world_size)
+    synthetic_cos = None
+    if uses_hnm:
+        pool_keys = all_keys if cfg.hnm_mask_duplicates else None
+        pool, exclude = _hnm_pool(z1, z2_all, labels, bank, keys, pool_keys, bank_keys, cfg)
         if pool.shape[0] > 0:
-            synthetic = hard_negative_mix(
+            synthetic_cos, top_sim = hard_negative_cos(
                 z1, pool, cfg.hnm_k, cfg.hnm_m, cfg.hnm_alpha, generator, exclude, cfg.hnm_query_mix, cfg.hnm_beta_max
             )
-            stats.update(_hnm_stats(z1, pool, exclude, synthetic, cfg.hnm_k))
+            top_sim = top_sim[torch.isfinite(top_sim)]
+            if top_sim.numel() > 0:
+                stats["hnm/topk_cos_mean"] = top_sim.mean()
+                stats["hnm/topk_cos_max"] = top_sim.max()
+            stats["hnm/synthetic_cos_mean"] = synthetic_cos.detach().mean()
 
     if cfg.bank_in_logits and bank is not None and bank.shape[0] > 0:
         candidates = torch.cat([candidates, bank.detach().to(candidates.dtype)])
-    loss = info_nce(z1, candidates, cfg.temperature, synthetic, labels)
+    loss = info_nce(z1, candidates, cfg.temperature, labels=labels, extra_cos=synthetic_cos)
     if not return_stats:
         return loss
     with torch.no_grad():
-        d1, d2, _ = hardest_negatives(z1, z2_all, labels)
+        d1, d2 = found if found is not None else hardest_negatives(z1, z2_all, labels)[:2]
         stats["cos/positive"] = d1.mean()
         stats["cos/hardest_negative"] = d2.mean()
     return loss, stats
 
 
-def _hnm_pool(z1, z2_all, labels, bank, keys, bank_keys, cfg: ObjectiveConfig, world_size: int):
-    """HNM candidates (current global batch and/or bank) and the [n, C] mask of forbidden ones."""
+def _hnm_pool(z1, z2_all, labels, bank, keys, all_keys, bank_keys, cfg: ObjectiveConfig):
+    """HNM candidates (current global batch and/or bank) and the [n, C] mask of forbidden ones.
+
+    ``all_keys``: every rank's sentence keys (None: no duplicate masking)."""
     parts, masks = [], []
     n = z1.shape[0]
-    all_keys = None
-    if keys is not None and cfg.hnm_mask_duplicates:
-        all_keys = gather_no_grad(keys) if world_size > 1 else keys
     if cfg.hnm_use_batch:
         parts.append(z2_all if cfg.hnm_grad else z2_all.detach())
         m = torch.zeros((n, z2_all.shape[0]), dtype=torch.bool, device=z1.device)
@@ -289,18 +385,3 @@ def _hnm_pool(z1, z2_all, labels, bank, keys, bank_keys, cfg: ObjectiveConfig, w
     if not parts:
         return z1.new_zeros((0, z1.shape[1])), None
     return torch.cat(parts), torch.cat(masks, dim=1)
-
-
-@torch.no_grad()
-def _hnm_stats(z1, pool, exclude, synthetic, k) -> dict[str, torch.Tensor]:
-    sim = cosine_matrix(z1, pool)
-    if exclude is not None:
-        sim = sim.masked_fill(exclude, float("-inf"))
-    top = sim.topk(min(k, sim.shape[1]), dim=1).values
-    top = top[torch.isfinite(top)]
-    syn = torch.einsum("nd,nmd->nm", F.normalize(z1, dim=-1), synthetic)
-    return {
-        "hnm/topk_cos_mean": top.mean(),
-        "hnm/topk_cos_max": top.max(),
-        "hnm/synthetic_cos_mean": syn.mean(),
-    }

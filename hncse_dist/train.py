@@ -80,16 +80,22 @@ def make_accelerator(cfg: TrainConfig):
 
 
 def contrastive_step(model, ids, mask, objective: str, obj_cfg, bank: NegativeBank | None = None,
-                     generator: torch.Generator | None = None):
+                     generator: torch.Generator | None = None, read_bank: bool = True):
     """Loss of one (micro-)batch: ONE forward over both dropout views (2N sequences), then
-    the objective across ranks. Returns (loss, z1, z2, sentence keys, stats)."""
+    the objective across ranks. ``bank`` is read as HNM candidates if ``read_bank`` (False
+    during its warm-up). Returns (loss, z1, z2, to_push, stats): ``to_push`` is the global
+    batch's detached (z2, sentence keys) that the loss gathered, for ``bank.push`` after the
+    step (None when there is no bank), so filling the bank costs no communication."""
     emb = model(ids.repeat(2, 1), mask.repeat(2, 1)).float()
     z1, z2 = emb.chunk(2)
     keys = sentence_keys(ids, mask)
-    bank_z, bank_k = bank.contents() if bank is not None else (None, None)
+    has_bank = bank is not None and bank.batches > 0
+    bank_z, bank_k = bank.contents() if has_bank and read_bank else (None, None)
+    gathered = {} if has_bank else None
     loss, stats = hncse_loss(z1, z2, objective, bank_z, config=obj_cfg, keys=keys, bank_keys=bank_k,
-                             generator=generator, return_stats=True)
-    return loss, z1, z2, keys, stats
+                             generator=generator, return_stats=True, gathered=gathered)
+    to_push = (gathered["z2"], gathered["keys"]) if has_bank else None
+    return loss, z1, z2, to_push, stats
 
 
 def build_stream(cfg: TrainConfig, tokenizer, acc):
@@ -219,8 +225,8 @@ def train(cfg: TrainConfig) -> int:
             mask = batch["attention_mask"].to(acc.device)
             with acc.accumulate(model):
                 use_bank = state["step"] >= cfg.bank_warmup_steps
-                loss, z1, z2, keys, stats = contrastive_step(
-                    model, ids, mask, cfg.objective, obj_cfg, bank if use_bank else None, hnm_gen
+                loss, z1, z2, to_push, stats = contrastive_step(
+                    model, ids, mask, cfg.objective, obj_cfg, bank, hnm_gen, read_bank=use_bank
                 )
                 skip = cfg.skip_nonfinite and all_ranks_agree(not bool(torch.isfinite(loss)), acc.device)
                 if skip:
@@ -233,7 +239,8 @@ def train(cfg: TrainConfig) -> int:
                     grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            bank.push_local(z2.detach(), keys)
+            if to_push is not None:
+                bank.push(*to_push)
             state["micro_step"] += 1
             for k, v in stats.items():
                 window_stats[k] = window_stats.get(k, 0.0) + v

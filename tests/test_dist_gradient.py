@@ -46,7 +46,7 @@ def test_joint_decisions_and_bank_are_identical_on_every_rank(tmp_path):
     # FIFO of 2 global minibatches after 3 pushes: steps 2 (slot 0) and 1 (slot 1), rank order inside
     assert ranks[0]["bank"] == ranks[1]["bank"] == ranks[2]["bank"]
     assert [row[0] for row in ranks[0]["bank"]] == [20, 20, 21, 21, 22, 22, 10, 10, 11, 11, 12, 12]
-    assert ranks[0]["keys"] == ranks[2]["keys"]
+    assert ranks[0]["keys"] == ranks[2]["keys"] == [2, 3, 102, 103, 202, 203, 1, 2, 101, 102, 201, 202]
 
 
 def test_world_size_one_fast_path_makes_no_copy():

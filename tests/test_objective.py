@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from hncse_dist.objective import (
     ObjectiveConfig,
     alignment,
+    hard_negative_cos,
     hard_negative_mix,
     hncse_loss,
     info_nce,
@@ -262,3 +263,47 @@ def test_alignment_and_uniformity_values():
     assert alignment(z, z).item() == 0.0
     # pairwise squared distances between orthonormal vectors are 2
     assert uniformity(z).item() == pytest.approx(-4.0)
+
+
+@pytest.mark.parametrize("alpha,query_mix,cand_grad", [(0.5, 0, False), (None, 0, False), (0.3, 3, False),
+                                                       (0.5, 2, True)])
+def test_closed_form_hnm_cosines_equal_the_explicit_synthetics(alpha, query_mix, cand_grad):
+    """hard_negative_cos (what the loss uses) == cos(q, hard_negative_mix vectors): values and
+    the gradients reaching q and, when they carry it, the candidates."""
+    g = torch.Generator().manual_seed(0)
+    q0 = torch.randn(6, 8, generator=g, dtype=torch.float64)
+    c0 = torch.randn(25, 8, generator=g, dtype=torch.float64)
+    exclude = torch.zeros(6, 25, dtype=torch.bool)
+    exclude[0, :23] = True  # row 0 keeps only 2 usable candidates (< k)
+    exclude[1, 4] = True
+    w = torch.randn(6, 5 + query_mix, generator=g, dtype=torch.float64)
+    results = []
+    for closed in (False, True):
+        q, c = q0.clone().requires_grad_(), c0.clone().requires_grad_(cand_grad)
+        args = (q, c, 4, 5, alpha, torch.Generator().manual_seed(7), exclude, query_mix, 0.5)
+        if closed:
+            cos, top_sim = hard_negative_cos(*args)
+        else:
+            cos = torch.einsum("nd,nmd->nm", F.normalize(q, dim=-1), hard_negative_mix(*args))
+        (cos * w).sum().backward()
+        results.append((cos.detach(), q.grad, c.grad))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-10, atol=1e-12)
+    if cand_grad:
+        assert results[0][2].abs().sum() > 0
+        torch.testing.assert_close(results[1][2], results[0][2], rtol=1e-10, atol=1e-12)
+    else:
+        assert results[1][2] is None
+    # the returned top-k similarities are the k best allowed cosines, row 0 padded with -inf
+    sims = (F.normalize(q0, dim=-1) @ F.normalize(c0, dim=-1).T).masked_fill(exclude, float("-inf"))
+    torch.testing.assert_close(top_sim, sims.topk(4, dim=1).values)
+
+
+def test_loss_hands_back_the_global_batch_for_the_bank():
+    z1, z2 = _views()
+    got = {}
+    hncse_loss(z1, z2, "simcse", keys=torch.arange(6), gathered=got)
+    assert torch.equal(got["z2"], z2) and torch.equal(got["keys"], torch.arange(6))
+    stats = hncse_loss(z1, z2, "hncse", keys=torch.arange(6), return_stats=True, generator=torch.Generator())[1]
+    assert {"hnm/topk_cos_mean", "hnm/topk_cos_max", "hnm/synthetic_cos_mean", "pm/trigger_rate",
+            "cos/positive", "cos/hardest_negative"} <= set(stats)

@@ -1,4 +1,5 @@
-"""Run under torchrun: joint decisions and no-grad gathers behave the same on every rank."""
+"""Run under torchrun: joint decisions and no-grad gathers behave the same on every rank; the
+bank is filled the trainer's way, from the global batch that hncse_loss gathered."""
 
 import json
 import sys
@@ -8,6 +9,7 @@ import torch.distributed as dist
 
 from hncse_dist.bank import NegativeBank
 from hncse_dist.gather import all_ranks_agree, gather_no_grad
+from hncse_dist.objective import hncse_loss
 
 
 def main():
@@ -21,7 +23,11 @@ def main():
     gathered = gather_no_grad(x)
     bank = NegativeBank(2)
     for step in range(3):
-        bank.push_local(torch.full((2, 3), float(10 * step + rank)), torch.arange(2) + 100 * rank + step)
+        z2 = torch.full((2, 3), float(10 * step + rank), requires_grad=True)
+        got = {}
+        hncse_loss(torch.randn(2, 3), z2, "hnm", keys=torch.arange(2) + 100 * rank + step, gathered=got)
+        assert not got["z2"].requires_grad
+        bank.push(got["z2"], got["keys"])
     emb, keys = bank.contents()
     everyone = [None] * world
     dist.all_gather_object(everyone, {"any": any_flag, "all": all_flag, "gathered": gathered.tolist(),
