@@ -29,6 +29,9 @@ class TrainConfig(ObjectiveConfig):
     pooler: str = "cls"
     mlp_only_train: bool = True
     gradient_checkpointing: bool = False
+    # Padding-free forward for BERT-family backbones (hncse_dist/packed.py): same numbers as the
+    # model's own forward, without the FLOPs of padded positions; other models ignore it.
+    packed_forward: bool = True
     # data
     train_file: str | None = None  # one sentence per line (plain or .gz); converted to shards once
     train_shards: str | None = None  # folder written by 'hncse-dist shards'

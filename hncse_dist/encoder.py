@@ -19,6 +19,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .packed import packed_forward, right_padded, supports_packing
+
 POOLERS = ("cls", "cls_before_pooler", "avg", "avg_first_last")
 PACKAGED_MODEL_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2", "packaged")
 HEAD_FILE = "hncse_head.pt"
@@ -58,7 +60,8 @@ def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class Encoder(nn.Module):
     """Backbone + pooler + MLP head; ``forward`` returns one embedding per sequence."""
 
-    def __init__(self, backbone: nn.Module, tokenizer, pooler: str = "cls", mlp_only_train: bool = True):
+    def __init__(self, backbone: nn.Module, tokenizer, pooler: str = "cls", mlp_only_train: bool = True,
+                 packed: bool = True):
         super().__init__()
         if pooler not in POOLERS:
             raise ValueError(f"unknown pooler {pooler!r}: choose one of {', '.join(POOLERS)}")
@@ -68,10 +71,13 @@ class Encoder(nn.Module):
         self.mlp_only_train = mlp_only_train
         hidden = backbone.config.hidden_size
         self.head = nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh()) if pooler == "cls" else None
+        # Padding-free forward (hncse_dist.packed) where the architecture allows it.
+        self.packed = packed and supports_packing(backbone)
 
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str, pooler: str = "cls", mlp_only_train: bool = True, **model_kwargs
+        cls, name_or_path: str, pooler: str = "cls", mlp_only_train: bool = True, packed: bool = True,
+        **model_kwargs,
     ) -> "Encoder":
         from transformers import AutoModel, AutoTokenizer
 
@@ -93,7 +99,7 @@ class Encoder(nn.Module):
         finally:
             hf_logging.set_verbosity(verbosity)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        enc = cls(backbone, tokenizer, pooler=pooler or "cls", mlp_only_train=mlp_only_train)
+        enc = cls(backbone, tokenizer, pooler=pooler or "cls", mlp_only_train=mlp_only_train, packed=packed)
         head_file = Path(path) / HEAD_FILE
         if enc.head is not None and head_file.is_file():
             enc.head.load_state_dict(torch.load(head_file, map_location="cpu", weights_only=True))
@@ -109,17 +115,26 @@ class Encoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         need_all = self.pooler == "avg_first_last"
-        out = self.backbone(
-            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=need_all
-        )
-        last = out.last_hidden_state
-        if self.pooler in ("cls", "cls_before_pooler"):
-            pooled = last[:, 0]
-        elif self.pooler == "avg":
-            pooled = masked_mean(last, attention_mask)
+        if self.packed and not bool(attention_mask.all()) and right_padded(attention_mask):
+            last, first, pk = packed_forward(self.backbone, input_ids, attention_mask, keep_first=need_all)
+            if self.pooler in ("cls", "cls_before_pooler"):
+                pooled = last.index_select(0, pk.starts)
+            elif self.pooler == "avg":
+                pooled = pk.mean(last)
+            else:
+                pooled = pk.mean((first + last) / 2)
         else:
-            first = out.hidden_states[1]
-            pooled = masked_mean((first + last) / 2, attention_mask)
+            out = self.backbone(
+                input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=need_all
+            )
+            last = out.last_hidden_state
+            if self.pooler in ("cls", "cls_before_pooler"):
+                pooled = last[:, 0]
+            elif self.pooler == "avg":
+                pooled = masked_mean(last, attention_mask)
+            else:
+                first = out.hidden_states[1]
+                pooled = masked_mean((first + last) / 2, attention_mask)
         if self.uses_head():
             pooled = self.head(pooled)
         return pooled

@@ -168,7 +168,8 @@ def train(cfg: TrainConfig) -> int:
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)  # identical head initialisation on every rank
-    encoder = Encoder.from_pretrained(cfg.model_name_or_path, cfg.pooler, cfg.mlp_only_train)
+    encoder = Encoder.from_pretrained(cfg.model_name_or_path, cfg.pooler, cfg.mlp_only_train,
+                                      packed=cfg.packed_forward)
     if cfg.gradient_checkpointing:
         # torch.utils.checkpoint replays the saved RNG state, so both dropout views survive.
         encoder.backbone.gradient_checkpointing_enable()

@@ -1,0 +1,100 @@
+"""The padding-free forward equals the model's own forward: values and gradients."""
+
+import pytest
+import torch
+
+import hncse_dist.encoder as encoder_mod
+from hncse_dist.encoder import Encoder
+from hncse_dist.packed import right_padded, supports_packing
+from tests.fixtures import MINILM
+
+SENTENCES = ["a cat sleeps", "the dog runs over the old wooden house by the river", "music",
+             "old trees grow slowly in the north", "why"]
+
+
+def build(kind: str, dropout: float = 0.1, **extra):
+    from transformers import AutoTokenizer, BertConfig, BertModel, RobertaConfig, RobertaModel
+
+    tok = AutoTokenizer.from_pretrained(MINILM)
+    common = dict(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=dropout,
+                  attention_probs_dropout_prob=dropout, pad_token_id=tok.pad_token_id, **extra)
+    torch.manual_seed(0)
+    if kind == "bert":
+        backbone = BertModel(BertConfig(**common), add_pooling_layer=False)
+    else:  # RoBERTa: position ids start after padding_idx, computed from the input ids
+        backbone = RobertaModel(RobertaConfig(**common), add_pooling_layer=False)
+    return backbone, tok
+
+
+def outputs_and_grads(enc: Encoder, ids, mask):
+    enc.zero_grad()
+    out = enc(ids, mask)
+    weights = torch.linspace(-1, 1, out.numel()).view_as(out)
+    (out * weights).sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in enc.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+@pytest.mark.parametrize("pooler", ["cls", "cls_before_pooler", "avg", "avg_first_last"])
+def test_packed_forward_equals_the_models_forward(kind, pooler, monkeypatch):
+    backbone, tok = build(kind)
+    enc = Encoder(backbone, tok, pooler=pooler, mlp_only_train=False).eval()
+    assert enc.packed
+    f = enc.tokenize(SENTENCES, 16)
+    ids, mask = f["input_ids"], f["attention_mask"]
+    assert not mask.all()  # the batch has padding to remove
+    calls = []
+    real = encoder_mod.packed_forward
+    monkeypatch.setattr(encoder_mod, "packed_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out_p, g_p = outputs_and_grads(enc, ids, mask)
+    assert calls, "the packed path was not taken"
+    enc.packed = False
+    out_h, g_h = outputs_and_grads(enc, ids, mask)
+    assert len(calls) == 1
+    torch.testing.assert_close(out_p, out_h, rtol=1e-5, atol=1e-6)
+    assert g_p.keys() == g_h.keys()
+    scale = max(g.abs().max().item() for g in g_h.values())
+    for name in g_h:  # absolute tolerance on the global scale: the key biases' true gradient is 0
+        torch.testing.assert_close(g_p[name], g_h[name], rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_packed_training_mode_without_dropout_equals_the_models_forward(checkpointing):
+    backbone, tok = build("bert", dropout=0.0)
+    enc = Encoder(backbone, tok, pooler="cls").train()
+    if checkpointing:
+        enc.backbone.gradient_checkpointing_enable()
+    f = enc.tokenize(SENTENCES, 16)
+    out_p, g_p = outputs_and_grads(enc, f["input_ids"], f["attention_mask"])
+    enc.packed = False
+    out_h, g_h = outputs_and_grads(enc, f["input_ids"], f["attention_mask"])
+    torch.testing.assert_close(out_p, out_h, rtol=1e-5, atol=1e-6)
+    for name in g_h:
+        torch.testing.assert_close(g_p[name], g_h[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_packed_dropout_makes_two_views_differ():
+    backbone, tok = build("bert", dropout=0.1)
+    enc = Encoder(backbone, tok, pooler="cls_before_pooler").train()
+    f = enc.tokenize(SENTENCES, 16)
+    z = enc(f["input_ids"].repeat(2, 1), f["attention_mask"].repeat(2, 1))
+    z1, z2 = z.chunk(2)
+    assert not torch.allclose(z1, z2)
+    assert torch.nn.functional.cosine_similarity(z1, z2).min() > 0.5  # still the same sentences
+
+
+def test_left_padding_and_unsupported_models_use_the_models_forward(monkeypatch):
+    backbone, tok = build("bert")
+    tok.padding_side = "left"
+    enc = Encoder(backbone, tok, pooler="avg").eval()
+    f = enc.tokenize(SENTENCES, 16)
+    assert not right_padded(f["attention_mask"]) and enc.packed
+    monkeypatch.setattr(encoder_mod, "packed_forward", lambda *a, **k: pytest.fail("packed path on left padding"))
+    with torch.no_grad():
+        auto = enc(f["input_ids"], f["attention_mask"])
+        enc.packed = False
+        own = enc(f["input_ids"], f["attention_mask"])
+    assert torch.equal(auto, own)
+    relative, _ = build("bert", position_embedding_type="relative_key")
+    assert not supports_packing(relative)
