@@ -28,8 +28,11 @@ torch.bfloat16)`` around the model forward, outputs cast to fp32, as Accelerate 
                      zero_grad: the HF Trainer's defaults (optim "adamw_torch_fused" with
                      torch >= 2.8, max_grad_norm 1.0). bf16 autocast covers forward + loss, as
                      the Trainer's compute_loss context does.
-  ablations          hncse-simcse-2fwd: the product's SimCSE step with one forward per view;
-                     hncse-simcse+fused-adamw: the product's SimCSE step with AdamW(fused=True).
+  ablations          hncse-simcse-padded: the product's SimCSE step through the model's own
+                     (padded) forward instead of the padding-free one (packed_forward=false);
+                     hncse-simcse-2fwd: the product's SimCSE step with one forward per view;
+                     hncse-simcse+loop-adamw: the product's SimCSE step with the for-loop AdamW
+                     (torch's CPU default) instead of train.py's fused one.
   peak               a 2048^3 matmul at each precision (best of 3 per round).
 
 Same batch for every variant: 64 sentences sampled (seed 0) from
@@ -42,8 +45,9 @@ dataloader_num_workers=0) is timed separately and reported.
 Model FLOPs of one step (forward + backward, per the usual 2/4 split of a matmul's FLOPs):
     6 * P_layers * T  +  12 * L * s^2 * h * S
 with P_layers = L * (4 h^2 + 2 h f) the encoder layers' matmul weights (Q, K, V, O, FFN in
-and out; biases, LayerNorm, embeddings and the hncse MLP head are left out), T = S * s padded
-tokens (padding is computed, so it is counted), S = 2 * 64 sequences, s = padded length,
+and out; biases, LayerNorm, embeddings and the hncse MLP head are left out), T = the REAL
+(non-padding) tokens of the 2 views (the work the job needs: a padded forward computes more,
+which is its loss, not extra useful FLOPs), S = 2 * 64 sequences, s = padded length,
 h = hidden, f = FFN width, L = layers. The attention term is QK^T and AV (2 * 2 s^2 h per
 layer and sequence forward, x3 with backward). MFU = achieved FLOP/s / the 2048^3 matmul
 FLOP/s measured in the same round at the same precision (median), and fastest step / highest
@@ -131,12 +135,12 @@ def build_tiny_model(out_dir: Path) -> str:
 # ---------------------------------------------------------------- FLOPs and peak
 
 
-def step_flops(config, sequences: int, seq_len: int) -> float:
-    """Model FLOPs of forward + backward over ``sequences`` padded sequences (formula in the docstring)."""
+def step_flops(config, sequences: int, seq_len: int, real_tokens: int) -> float:
+    """Model FLOPs of forward + backward over ``sequences`` sequences holding ``real_tokens``
+    tokens, padded to ``seq_len`` for attention (formula in the docstring)."""
     h, f, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     p_layers = layers * (4 * h * h + 2 * h * f)
-    tokens = sequences * seq_len
-    return 6.0 * p_layers * tokens + 12.0 * layers * seq_len**2 * h * sequences
+    return 6.0 * p_layers * real_tokens + 12.0 * layers * seq_len**2 * h * sequences
 
 
 class MatmulPeak:
@@ -205,8 +209,8 @@ class ModelSetup:
     name: str
     path: str
     encoder: Encoder
-    encoder_opt: torch.optim.Optimizer  # train.py's optimizer: AdamW defaults (for-loop on CPU)
-    fused_opt: torch.optim.Optimizer  # the candidate fix: AdamW(fused=True) on the same parameters
+    encoder_opt: torch.optim.Optimizer  # train.py's optimizer: AdamW(fused=True)
+    loop_opt: torch.optim.Optimizer  # ablation: torch's default for-loop AdamW on the same parameters
     st_model: nn.Module
     st_loss: nn.Module
     st_opt: torch.optim.Optimizer
@@ -239,9 +243,10 @@ class Variant:
 
 
 def make_hncse_step(setup: ModelSetup, objective: str, precision: str,
-                    optimizer: torch.optim.Optimizer | None = None) -> Callable[[PhaseClock], float]:
+                    optimizer: torch.optim.Optimizer | None = None, packed: bool = True) -> Callable[[PhaseClock], float]:
     """The product's training step (train.py's loop body) for one objective; ``optimizer``
-    replaces train.py's AdamW for the ablation."""
+    replaces train.py's AdamW and ``packed=False`` the padding-free forward, for the ablations."""
+    packed = packed and setup.encoder.packed
     forward = AcceleratedForward(setup.encoder, precision)
     obj_cfg = ObjectiveConfig(temperature=TEMPERATURE)
     # train.py keeps a bank only for the objectives that read it.
@@ -253,6 +258,7 @@ def make_hncse_step(setup: ModelSetup, objective: str, precision: str,
 
     def step(clock: PhaseClock) -> float:
         forward.clock = clock
+        model.packed = packed  # the variants share one encoder
         with clock.phase("forward+objective"):
             loss, z1, z2, to_push, stats = contrastive_step(forward, ids, mask, objective, obj_cfg, bank, generator)
         if not bool(torch.isfinite(loss)):  # train.py's skip_nonfinite check
@@ -278,9 +284,11 @@ def make_two_forward_step(setup: ModelSetup, precision: str) -> Callable[[PhaseC
     forward = AcceleratedForward(setup.encoder, precision)
     obj_cfg = ObjectiveConfig(temperature=TEMPERATURE)
     model, opt, ids, mask = setup.encoder, setup.encoder_opt, setup.ids, setup.mask
+    packed = setup.encoder.packed
 
     def step(clock: PhaseClock) -> float:
         forward.clock = clock
+        model.packed = packed  # the variants share one encoder
         with clock.phase("forward+objective"):
             z1, z2 = forward(ids, mask), forward(ids, mask)
             loss, _ = hncse_loss(z1, z2, "simcse", None, config=obj_cfg, keys=sentence_keys(ids, mask),
@@ -348,13 +356,13 @@ def build_setup(name: str, path: str, sentences: list[str], bank_sentences: list
     sequences = 2 * ids.shape[0]
     return ModelSetup(
         name=name, path=path, encoder=encoder,
-        encoder_opt=torch.optim.AdamW(encoder.parameters(), lr=LEARNING_RATE),
-        fused_opt=torch.optim.AdamW(encoder.parameters(), lr=LEARNING_RATE, fused=True),
+        encoder_opt=torch.optim.AdamW(encoder.parameters(), lr=LEARNING_RATE, fused=True),
+        loop_opt=torch.optim.AdamW(encoder.parameters(), lr=LEARNING_RATE),
         st_model=st_model, st_loss=MultipleNegativesRankingLoss(st_model, scale=1.0 / TEMPERATURE),
         # The HF Trainer under SentenceTransformerTrainer defaults to optim="adamw_torch_fused" with torch >= 2.8.
         st_opt=torch.optim.AdamW(st_model.parameters(), lr=LEARNING_RATE, fused=True),
         ids=ids, mask=mask, st_features=st_features,
-        flops=step_flops(encoder.backbone.config, sequences, ids.shape[1]),
+        flops=step_flops(encoder.backbone.config, sequences, ids.shape[1], 2 * int(mask.sum())),
         real_tokens=2 * int(mask.sum()), padded_tokens=sequences * ids.shape[1], bank_fill=bank_fill,
     )
 
@@ -611,7 +619,7 @@ def markdown(summary: dict, checks: list[dict], meta: dict) -> str:
                      for p in ("fp32", "bf16")]
             lines.append(f"| {m} | {o} | {1e3 * t:.2f} / {1e3 * mic['objective_min_s'][o]:.2f} | " + " | ".join(cells) + " |")
     lines += ["", "AdamW step alone over the encoder's parameters (ms, median / min):", "",
-              "| model | default (for-loop, train.py) | fused=True | ratio of medians |", "|---|---|---|---|"]
+              "| model | default (for-loop) | fused=True (train.py) | ratio of medians |", "|---|---|---|---|"]
     for m, mic in summary.get("micro", {}).items():
         a = mic["adamw_step_s"]
         lines.append(f"| {m} | {1e3 * a['default']['median']:.1f} / {1e3 * a['default']['min']:.1f} | "
@@ -654,7 +662,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--corpus", type=Path, default=default_corpus())
     parser.add_argument("--no-ablations", dest="ablations", action="store_false",
-                        help="skip hncse-simcse-2fwd (one forward per view) and hncse-simcse+fused-adamw")
+                        help="skip hncse-simcse-padded, hncse-simcse-2fwd and hncse-simcse+loop-adamw")
     parser.add_argument("--micro-reps", type=int, default=30, help="repetitions of the objective/optimizer micro-benchmarks")
     parser.add_argument("--profile", action="store_true", help="after timing, torch.profiler the variants below")
     parser.add_argument("--profile-variants", default="hncse-simcse,hncse-hncse,st-mnrl")
@@ -700,8 +708,11 @@ def main() -> int:
             if args.ablations:
                 variants.append(Variant(f"{m}/{prec}/hncse-simcse-2fwd", m, prec, "ablation", "simcse",
                                         make_two_forward_step(setups[m], prec), setups[m].flops))
-                variants.append(Variant(f"{m}/{prec}/hncse-simcse+fused-adamw", m, prec, "ablation", "simcse",
-                                        make_hncse_step(setups[m], "simcse", prec, setups[m].fused_opt),
+                variants.append(Variant(f"{m}/{prec}/hncse-simcse-padded", m, prec, "ablation", "simcse",
+                                        make_hncse_step(setups[m], "simcse", prec, packed=False),
+                                        setups[m].flops))
+                variants.append(Variant(f"{m}/{prec}/hncse-simcse+loop-adamw", m, prec, "ablation", "simcse",
+                                        make_hncse_step(setups[m], "simcse", prec, setups[m].loop_opt),
                                         setups[m].flops))
     peaks = {p: MatmulPeak(torch.float32 if p == "fp32" else torch.bfloat16) for p in precisions}
 
@@ -723,7 +734,7 @@ def main() -> int:
                    "temperature": TEMPERATURE, "lr": LEARNING_RATE, "max_grad_norm": MAX_GRAD_NORM,
                    "precisions": precisions, "objectives": objectives, "models": models,
                    "corpus": str(args.corpus), "sample_seed": 0,
-                   "flops_formula": "6*L*(4h^2+2hf)*S*s + 12*L*s^2*h*S (S sequences, s padded length)"},
+                   "flops_formula": "6*L*(4h^2+2hf)*T_real + 12*L*s^2*h*S (T_real real tokens, S sequences, s padded length)"},
         "meta": meta,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
                     "processor": platform.processor() or platform.machine()},
