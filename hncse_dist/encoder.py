@@ -105,6 +105,12 @@ class Encoder(nn.Module):
             enc.head.load_state_dict(torch.load(head_file, map_location="cpu", weights_only=True))
         return enc
 
+    def enable_checkpointing(self) -> None:
+        """Activation (gradient) checkpointing of the backbone's layers; torch.utils.checkpoint
+        replays the saved RNG state in the recomputation, so both dropout views survive."""
+        enable = getattr(self.backbone, "activation_checkpointing_enable", None)  # transformers >= 5.x name
+        (enable or self.backbone.gradient_checkpointing_enable)()
+
     @property
     def config(self):
         """The backbone's config: DeepSpeed's "auto" bucket sizes are derived from hidden_size."""

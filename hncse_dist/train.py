@@ -171,8 +171,7 @@ def train(cfg: TrainConfig) -> int:
     encoder = Encoder.from_pretrained(cfg.model_name_or_path, cfg.pooler, cfg.mlp_only_train,
                                       packed=cfg.packed_forward)
     if cfg.gradient_checkpointing:
-        # torch.utils.checkpoint replays the saved RNG state, so both dropout views survive.
-        encoder.backbone.gradient_checkpointing_enable()
+        encoder.enable_checkpointing()
     set_seed(cfg.seed + rank)  # dropout masks differ per rank
     stream = build_stream(cfg, encoder.tokenizer, acc)
     steps = total_steps(cfg, stream.batches_per_epoch)

@@ -17,7 +17,7 @@ def loss_and_grads(tiny_bert, checkpointing):
     torch.manual_seed(0)  # the MLP head is freshly initialised
     enc = Encoder.from_pretrained(tiny_bert, pooler="cls")
     if checkpointing:
-        enc.backbone.gradient_checkpointing_enable()
+        enc.enable_checkpointing()
     enc.train()
     torch.manual_seed(7)
     loss, *_ = contrastive_step(enc, *batch(enc), "pm", None)

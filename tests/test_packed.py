@@ -60,13 +60,18 @@ def test_packed_forward_equals_the_models_forward(kind, pooler, monkeypatch):
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_packed_training_mode_without_dropout_equals_the_models_forward(checkpointing):
+def test_packed_training_mode_without_dropout_equals_the_models_forward(checkpointing, monkeypatch):
     backbone, tok = build("bert", dropout=0.0)
     enc = Encoder(backbone, tok, pooler="cls").train()
     if checkpointing:
-        enc.backbone.gradient_checkpointing_enable()
+        enc.enable_checkpointing()
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
     f = enc.tokenize(SENTENCES, 16)
     out_p, g_p = outputs_and_grads(enc, f["input_ids"], f["attention_mask"])
+    assert len(calls) == (2 if checkpointing else 0)  # one per layer in the packed path
+    monkeypatch.undo()
     enc.packed = False
     out_h, g_h = outputs_and_grads(enc, f["input_ids"], f["attention_mask"])
     torch.testing.assert_close(out_p, out_h, rtol=1e-5, atol=1e-6)
