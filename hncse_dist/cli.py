@@ -29,15 +29,13 @@ def _train(argv: list[str]) -> int:
     parser.add_argument("--config", help="YAML config file (keys as in --help-config)")
     parser.add_argument("--nproc-per-node", type=int, default=0,
                         help="start N local processes with torchrun (CPU: gloo, GPU: one per device)")
-    parser.add_argument("--help-config", action="store_true", help="list every config key with its default")
+    parser.add_argument("--help-config", action="store_true", help="print every config key with its default and meaning, as a YAML config to start from")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
-    from .config import CONFIG_KEYS, ConfigError, TrainConfig, load_config
+    from .config import ConfigError, config_template, load_config
 
     if args.help_config:
-        defaults = TrainConfig()
-        for key in CONFIG_KEYS:
-            print(f"{key} = {getattr(defaults, key)!r}")
+        print(config_template(), end="")
         return 0
     try:
         cfg = load_config(args.config, args.overrides).validate()

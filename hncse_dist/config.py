@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,9 @@ class TrainConfig(ObjectiveConfig):
 
     # model
     model_name_or_path: str = "all-MiniLM-L6-v2"  # the embedded default model; any HF encoder works
-    pooler: str = "cls"
-    mlp_only_train: bool = True
-    gradient_checkpointing: bool = False
+    pooler: str = "cls"  # cls | cls_before_pooler | avg | avg_first_last
+    mlp_only_train: bool = True  # the cls pooler's MLP head is used in training only (SimCSE unsup.)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, same views
     # Padding-free forward for BERT-family backbones (hncse_dist/packed.py): same numbers as the
     # model's own forward, without the FLOPs of padded positions; other models ignore it.
     packed_forward: bool = True
@@ -189,3 +190,32 @@ def _resolve_relative(key: str, value: Any, base: Path) -> Any:
         if candidate.exists():
             return str(candidate)
     return value
+
+
+def config_template() -> str:
+    """Every key with its default and the comments from its definition, as a YAML config
+    (``hncse-dist train --help-config > my.yaml`` is a valid starting point)."""
+    import inspect
+    import json
+
+    defaults = TrainConfig()
+    lines: list[str] = []
+    for cls, title in ((ObjectiveConfig, "objective (hncse_dist/objective.py)"), (TrainConfig, "training")):
+        lines += ["", f"# ---- {title}"]
+        pending: list[str] = []
+        for raw in inspect.getsource(cls).splitlines()[1:]:
+            text = raw.strip()
+            if text.startswith("def "):
+                break
+            if text.startswith("#"):
+                pending.append(text)
+                continue
+            match = re.match(r"(\w+)\s*:[^=]+=[^#]*(#\s*(.*))?$", text)
+            if not match or match.group(1) not in CONFIG_KEYS:
+                pending = []
+                continue
+            key = match.group(1)
+            note = f"  # {match.group(3)}" if match.group(3) else ""
+            lines += pending + [f"{key}: {json.dumps(getattr(defaults, key))}{note}"]
+            pending = []
+    return "\n".join(lines).lstrip() + "\n"

@@ -25,7 +25,7 @@ PM_NONPOSITIVE = ("skip", "fixed")
 class ObjectiveConfig:
     """Every choice of the objective; the defaults are documented in the README."""
 
-    temperature: float = 0.05
+    temperature: float = 0.05  # tau: similarities are cos / tau
     # Positive mixing. w1/w2 are fixed weights for the "small gap" case (the reference code
     # searches them with Optuna at every step); bench/quality.py sweeps them on STS-B dev.
     pm_threshold: float = 0.1
@@ -38,9 +38,9 @@ class ObjectiveConfig:
     # unless this is set; the vectors being mixed always carry gradient (reference code).
     pm_weight_grad: bool = False
     # Hard negative mixing (MoCHi-style).
-    hnm_k: int = 10
-    hnm_m: int = 40
-    hnm_alpha: float | None = 0.5  # None: alpha ~ U(0, 1) per synthetic negative (MoCHi)
+    hnm_k: int = 10  # mix among each anchor's k most similar candidates
+    hnm_m: int = 40  # synthetic negatives per anchor
+    hnm_alpha: float | None = 0.5  # null: alpha ~ U(0, 1) per synthetic negative (MoCHi)
     hnm_query_mix: int = 0  # MoCHi's second type: beta*q + (1-beta)*n, beta ~ U(0, beta_max)
     hnm_beta_max: float = 0.5
     hnm_use_batch: bool = True  # candidates include the current global batch's positives

@@ -42,3 +42,15 @@ def test_validation_errors(tmp_path):
         load_config(None, []).validate()
     with pytest.raises(ConfigError, match="pm_nonpositive"):
         load_config(None, [f"train_file={corpus}", "pm_nonpositive=drop"]).validate()
+
+
+def test_help_config_is_a_yaml_config_of_the_defaults(tmp_path):
+    from hncse_dist.config import CONFIG_KEYS, TrainConfig, config_template, load_config
+
+    text = config_template()
+    assert "# null: alpha ~ U(0, 1)" in text and "packed_forward: true" in text
+    path = tmp_path / "defaults.yaml"
+    path.write_text(text)
+    loaded = load_config(path)
+    defaults = TrainConfig()
+    assert {k: getattr(loaded, k) for k in CONFIG_KEYS} == {k: getattr(defaults, k) for k in CONFIG_KEYS}
