@@ -17,7 +17,7 @@ Train a sentence encoder with SimCSE / HNCSE.
 
 Any config key can be overridden as key=value (YAML syntax: 1e-5, true, null).
 Objectives: simcse | pm (positive mixing) | hnm (hard negative mixing) | hncse (both).
-List every key with its default: hncse-dist train --help-config
+Every key with its default and meaning, as a YAML config: hncse-dist train --help-config > my.yaml
 Exit codes: 0 done, 2 bad configuration, 75 checkpointed after SIGTERM/SIGUSR1 (requeue).
 """
 
@@ -29,7 +29,8 @@ def _train(argv: list[str]) -> int:
     parser.add_argument("--config", help="YAML config file (keys as in --help-config)")
     parser.add_argument("--nproc-per-node", type=int, default=0,
                         help="start N local processes with torchrun (CPU: gloo, GPU: one per device)")
-    parser.add_argument("--help-config", action="store_true", help="print every config key with its default and meaning, as a YAML config to start from")
+    parser.add_argument("--help-config", action="store_true",
+                        help="print every config key with its default and meaning, as a YAML config to start from")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     from .config import ConfigError, config_template, load_config
