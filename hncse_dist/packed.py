@@ -16,6 +16,8 @@ takes the model's own forward: ``supports_packing`` decides.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -78,6 +80,29 @@ class Packing:
         return total / self.lengths.clamp_min(1).unsqueeze(1).to(packed.dtype)
 
 
+def keep_mask(shape: tuple[int, ...], p: float, dtype: torch.dtype) -> torch.Tensor:
+    """Dropout's scaled keep mask (0 or 1/(1-p)) from 16-bit random numbers, four per 64-bit
+    draw of torch's CPU generator: about 4x faster than ``bernoulli_``, which draws one number
+    per element and took a fifth of a bf16 training step on CPU. p is rounded to a multiple
+    of 2^-16 (0.1 -> 0.100006) and the scale uses the rounded p, so E[mask] = 1 exactly.
+    The global generator is used, so seeding, checkpointed RNG state and activation
+    checkpointing's RNG replay behave as with ``torch.nn.functional.dropout``."""
+    n = math.prod(shape)
+    words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
+    drop_below = round(p * 65536)
+    keep = words.view(torch.int16)[:n].view(shape) >= drop_below - 32768
+    return keep.to(dtype) * (65536.0 / (65536 - drop_below))
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """``F.dropout``, with the faster mask on CPU (see ``keep_mask``); GPUs keep the native kernel."""
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu" or p >= 1.0:
+        return F.dropout(x, p, True)
+    return x * keep_mask(tuple(x.shape), p, x.dtype)
+
+
 def _partitioned(att: nn.Module) -> bool:
     """DeepSpeed ZeRO-3 shards the weights and gathers them only when the module itself runs."""
     return any(hasattr(p, "ds_id") for p in att.query.parameters())
@@ -98,16 +123,21 @@ def _attention(layer: nn.Module, x: torch.Tensor, pk: Packing) -> torch.Tensor:
         qkv = pk.unpack(F.linear(x, w, b)).view(pk.batch, pk.length, 3, heads, dh)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     p = att.dropout.p if att.training else 0.0
-    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=pk.key_mask, dropout_p=p,
-                                         scale=getattr(att, "scaling", dh ** -0.5))
+    scale = getattr(att, "scaling", dh ** -0.5)
+    if p > 0 and q.device.type == "cpu":  # SDPA's CPU dropout is bernoulli_: attention by hand
+        scores = (q @ k.transpose(-1, -2)) * scale
+        probs = torch.softmax(scores.masked_fill(~pk.key_mask, float("-inf")), dim=-1)
+        ctx = dropout(probs, p, True).to(v.dtype) @ v
+    else:
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=pk.key_mask, dropout_p=p, scale=scale)
     return pk.pack(ctx.transpose(1, 2).reshape(pk.batch, pk.length, heads * dh))
 
 
 def _layer(layer: nn.Module, x: torch.Tensor, pk: Packing) -> torch.Tensor:
-    out = layer.attention.output
-    x = out.LayerNorm(out.dropout(out.dense(_attention(layer, x, pk))) + x)
-    ff = layer.output
-    return ff.LayerNorm(ff.dropout(ff.dense(layer.intermediate.intermediate_act_fn(layer.intermediate.dense(x)))) + x)
+    out, ff = layer.attention.output, layer.output
+    x = out.LayerNorm(dropout(out.dense(_attention(layer, x, pk)), out.dropout.p, out.training) + x)
+    h = ff.dense(layer.intermediate.intermediate_act_fn(layer.intermediate.dense(x)))
+    return ff.LayerNorm(dropout(h, ff.dropout.p, ff.training) + x)
 
 
 def packed_forward(backbone: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-2 and ZeRO-3 (CPU accelerator, gloo) through Accelerate: the loss curve of 2
+"""DeepSpeed ZeRO-1, ZeRO-2 and ZeRO-3 (CPU accelerator, gloo) through Accelerate: the loss curve of 2
 processes equals the plain-DDP run from the same seed; ZeRO-3 consolidates to a plain export."""
 
 import json
@@ -24,7 +24,7 @@ def ddp_run(tmp_path_factory, tiny_bert, corpus):
 @pytest.mark.slow
 @pytest.mark.deepspeed
 @pytest.mark.dist
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_loss_curve_equals_ddp(tmp_path, tiny_bert, corpus, ddp_run, stage):
     out = tmp_path / f"zero{stage}"
     proc = run_cli(["train", "--nproc-per-node", "2",

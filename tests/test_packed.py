@@ -103,3 +103,29 @@ def test_left_padding_and_unsupported_models_use_the_models_forward(monkeypatch)
     assert torch.equal(auto, own)
     relative, _ = build("bert", position_embedding_type="relative_key")
     assert not supports_packing(relative)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_fast_dropout_mask_statistics(p):
+    from hncse_dist.packed import dropout, keep_mask
+
+    torch.manual_seed(0)
+    m = keep_mask((1001, 999), p, torch.float32)  # an element count that is not a multiple of 4
+    dropped = (m == 0).float().mean().item()
+    sigma = (p * (1 - p) / m.numel()) ** 0.5
+    assert abs(dropped - p) < 5 * sigma
+    values = m.unique().tolist()
+    assert values[0] == 0.0 and values[1] == pytest.approx(1 / (1 - p), rel=1e-4) and len(values) == 2
+    assert m.mean().item() == pytest.approx(1.0, abs=5 * sigma / (1 - p))
+    # the four 16-bit lanes of each 64-bit draw are independent: no lane drops more than the others
+    lanes = (keep_mask((4 * 200_000,), p, torch.float32) == 0).view(-1, 4).float().mean(0)
+    assert (lanes - p).abs().max().item() < 5 * (p * (1 - p) / 200_000) ** 0.5
+    # seeded like torch's own dropout; gradient = the same mask
+    torch.manual_seed(3)
+    a = keep_mask((64, 33), p, torch.float32)
+    torch.manual_seed(3)
+    x = torch.ones(64, 33, requires_grad=True)
+    y = dropout(x, p, True)
+    y.sum().backward()
+    assert torch.equal(y.detach(), a) and torch.equal(x.grad, a)
+    assert dropout(x, p, False) is x
