@@ -121,7 +121,7 @@ class Encoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         need_all = self.pooler == "avg_first_last"
-        if self.packed and not bool(attention_mask.all()) and right_padded(attention_mask):
+        if self.packed and right_padded(attention_mask):
             last, first, pk = packed_forward(self.backbone, input_ids, attention_mask, keep_first=need_all)
             if self.pooler in ("cls", "cls_before_pooler"):
                 pooled = last.index_select(0, pk.starts)

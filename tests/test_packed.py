@@ -129,3 +129,19 @@ def test_fast_dropout_mask_statistics(p):
     y.sum().backward()
     assert torch.equal(y.detach(), a) and torch.equal(x.grad, a)
     assert dropout(x, p, False) is x
+
+
+def test_batch_without_padding_takes_the_packed_path_too(monkeypatch):
+    backbone, tok = build("bert")
+    enc = Encoder(backbone, tok, pooler="avg").eval()
+    f = enc.tokenize(["one two three", "four five six"], 16)
+    assert f["attention_mask"].all()
+    calls = []
+    real = encoder_mod.packed_forward
+    monkeypatch.setattr(encoder_mod, "packed_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        packed = enc(f["input_ids"], f["attention_mask"])
+        enc.packed = False
+        own = enc(f["input_ids"], f["attention_mask"])
+    assert calls == [1]
+    torch.testing.assert_close(packed, own, rtol=1e-5, atol=1e-6)
