@@ -10,7 +10,8 @@ $HNCSE_DATA_DIR/corpus/wiki_en_sentences.txt, HNCSE_DATA_DIR defaulting to ../sh
 --work-dir DIR (shard cache, default a fresh temporary directory).
 
 Measures (1) samples/s of ShardStream with default settings (2 DataLoader workers, batch 64,
-max_length 32, MiniLM tokenizer): tar reading + shuffling + tokenization, start-up included;
+max_length 32, MiniLM tokenizer): tar reading + shuffling + tokenization, start-up included,
+for plain and for gzip (``hncse-dist shards --gzip``) shards, with their sizes on disk;
 (2) sentences/s of the product's SimCSE step of the packaged all-MiniLM-L6-v2 at its fastest
 on CPU (one padding-free forward over both dropout views of 64 sentences under bf16 autocast,
 cosine InfoNCE at temperature 0.05, backward, fused AdamW). The
@@ -57,14 +58,19 @@ def default_corpus() -> Path:
     return data_dir / "corpus" / "wiki_en_sentences.txt"
 
 
-def build_shards(corpus: Path, lines: int, work_dir: Path) -> str:
+def build_shards(corpus: Path, lines: int, work_dir: Path, gzip: bool = False) -> str:
     head = work_dir / f"head{lines}.txt"
-    with open(corpus, encoding="utf-8") as src, open(head, "w", encoding="utf-8") as dst:
-        for _, line in zip(range(lines), src):
-            dst.write(line)
-    shard_dir = work_dir / "shards"
-    write_shards([str(head)], str(shard_dir), 10000, progress=False)
+    if not head.is_file():
+        with open(corpus, encoding="utf-8") as src, open(head, "w", encoding="utf-8") as dst:
+            for _, line in zip(range(lines), src):
+                dst.write(line)
+    shard_dir = work_dir / ("shards_gz" if gzip else "shards")
+    write_shards([str(head)], str(shard_dir), 10000, progress=False, gzip=gzip)
     return str(shard_dir)
+
+
+def shard_bytes(shard_dir: str) -> int:
+    return sum(e["bytes"] for e in load_manifest(shard_dir)["shards"])
 
 
 def time_tar_reading(shard_dir: str) -> float:
@@ -138,9 +144,14 @@ def main() -> int:
         work_dir = args.work_dir or Path(tmp)
         work_dir.mkdir(parents=True, exist_ok=True)
         shard_dir = build_shards(args.corpus, args.lines, work_dir)
+        gz_dir = build_shards(args.corpus, args.lines, work_dir, gzip=True)
         stream = ShardStream(shard_dir, tokenizer, BATCH_SIZE, MAX_LENGTH)  # defaults: 2 workers
         stream_stats = time_stream(stream, args.epochs)
+        gz_stats = time_stream(ShardStream(gz_dir, tokenizer, BATCH_SIZE, MAX_LENGTH), args.epochs)
         read_rate = time_tar_reading(shard_dir)
+        gz_read_rate = time_tar_reading(gz_dir)
+        sizes = {"corpus_head_bytes": os.path.getsize(work_dir / f"head{args.lines}.txt"),
+                 "tar_bytes": shard_bytes(shard_dir), "tar_gz_bytes": shard_bytes(gz_dir)}
         train_stats = time_training(shard_dir, tokenizer, args.steps)
     ratio = stream_stats["samples_per_s"] / train_stats["sentences_per_s"]
     result = {
@@ -151,6 +162,8 @@ def main() -> int:
         "stream": {**stream_stats, "num_workers": stream.num_workers, "batch_size": BATCH_SIZE,
                    "max_length": MAX_LENGTH, "shuffle_buffer": stream.shuffle_buffer},
         "tar_read_only_samples_per_s": round(read_rate, 1),
+        "gzip_shards": {"stream_samples_per_s": round(gz_stats["samples_per_s"], 1),
+                        "read_only_samples_per_s": round(gz_read_rate, 1), **sizes},
         "train": {**train_stats, "model": "all-MiniLM-L6-v2 (packaged)", "views": 2, "precision": "bf16",
                   "temperature": TEMPERATURE, "torch_threads": torch.get_num_threads()},
         "corpus_lines": args.lines,

@@ -335,3 +335,48 @@ def test_index_shards_makes_foreign_shards_readable(tmp_path):
     manifest = shards_module.index_shards(str(out))
     assert [e["count"] for e in manifest["shards"]] == [4, 4, 2]
     assert read_all(str(out)) == [(f"doc{i:03d}", f"text {i}") for i in range(10)]
+
+
+def test_gzip_shards_are_smaller_deterministic_and_read_the_same(tmp_path):
+    lines = [f"sentence number {i} of a small corpus." for i in range(400)]
+    src = write_lines(tmp_path / "in.txt", lines)
+    plain = write_shards([src], str(tmp_path / "plain"), 150, progress=False)
+    packed = write_shards([src], str(tmp_path / "gz"), 150, progress=False, gzip=True)
+    assert [e["name"] for e in packed["shards"]] == [f"shard-00000{i}.tar.gz" for i in range(3)]
+    assert read_all(str(tmp_path / "gz")) == read_all(str(tmp_path / "plain"))
+    plain_bytes = sum(e["bytes"] for e in plain["shards"])
+    gz_bytes = sum(e["bytes"] for e in packed["shards"])
+    assert plain_bytes >= 1024 * len(lines) and gz_bytes < plain_bytes / 8
+    for e in packed["shards"]:  # recorded sha256 and size are those of the file
+        path = tmp_path / "gz" / e["name"]
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == e["sha256"] and path.stat().st_size == e["bytes"]
+    again = write_shards([src], str(tmp_path / "gz2"), 150, progress=False, gzip=True)
+    assert [e["sha256"] for e in again["shards"]] == [e["sha256"] for e in packed["shards"]]
+    # switching compression rewrites the directory and removes the other kind of shard
+    write_shards([src], str(tmp_path / "gz"), 150, progress=False)
+    assert sorted(p.name for p in (tmp_path / "gz").glob("shard-*")) == [f"shard-00000{i}.tar" for i in range(3)]
+
+
+def test_truncated_gzip_shard_is_an_error_naming_it(tmp_path):
+    from hncse_dist.data import ShardError, ShardStream
+    from tests.fixtures import MINILM
+    from transformers import AutoTokenizer
+
+    src = write_lines(tmp_path / "in.txt", [f"text {i} " * 20 for i in range(300)])
+    out = tmp_path / "gz"
+    manifest = write_shards([src], str(out), 100, progress=False, gzip=True)
+    victim = out / manifest["shards"][1]["name"]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    with pytest.raises(ShardError, match="shard-000001.tar.gz"):  # the size check of the manifest
+        ShardStream(str(out), AutoTokenizer.from_pretrained(MINILM), 10, 8, num_workers=0, shuffle_buffer=1)
+    with pytest.raises(ShardError, match="shard-000001.tar.gz"):  # and the reader itself
+        with ShardReader(str(victim)) as reader:
+            reader.read(100)
+
+
+def test_cli_gzip_flag(tmp_path, capsys):
+    src = write_lines(tmp_path / "in.txt", [f"line {i}" for i in range(20)])
+    assert shards_main(["--input", src, "--output", str(tmp_path / "o"), "--samples-per-shard", "8",
+                        "--gzip", "--quiet"]) == 0
+    assert sorted(p.name for p in (tmp_path / "o").glob("shard-*")) == [f"shard-00000{i}.tar.gz" for i in range(3)]
+    assert texts_of(str(tmp_path / "o")) == [f"line {i}" for i in range(20)]

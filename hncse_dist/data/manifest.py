@@ -14,7 +14,7 @@ MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "hncse-dist-shards"
 MANIFEST_VERSION = 1
 SHARD_PATTERN = "shard-%06d.tar"
-SHARD_NAME_RE = re.compile(r"^shard-\d{6}\.tar$")
+SHARD_NAME_RE = re.compile(r"^shard-\d{6}\.tar(\.gz)?$")
 
 
 @dataclass(frozen=True)
@@ -25,8 +25,8 @@ class ShardInfo:
     size: int | None
 
 
-def shard_name(index: int) -> str:
-    return SHARD_PATTERN % index
+def shard_name(index: int, gzip: bool = False) -> str:
+    return SHARD_PATTERN % index + (".gz" if gzip else "")
 
 
 def write_json_atomic(path: str, payload: dict[str, Any]) -> None:

@@ -8,6 +8,8 @@ same bytes (and the same sha256), which is what makes resumable shard writing ve
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import hashlib
 import io
 import os
@@ -52,9 +54,10 @@ def _text_member(key: str, payload: bytes) -> tarfile.TarInfo:
 
 
 def write_text_tar(samples: Iterable[tuple[str, str]], path: str) -> tuple[int, str, int]:
-    """Write ``(key, text)`` samples to ``path`` atomically.
+    """Write ``(key, text)`` samples to ``path`` atomically; gzip-compressed when ``path`` ends
+    in ``.gz`` (fixed gzip header: the bytes still depend only on the samples).
 
-    Returns ``(count, sha256_hex, size_bytes)``.
+    Returns ``(count, sha256_hex, size_bytes)`` of the file as written.
     """
     directory, name = os.path.split(path)
     tmp = os.path.join(directory, f".{name}.tmp-{os.getpid()}")
@@ -62,7 +65,11 @@ def write_text_tar(samples: Iterable[tuple[str, str]], path: str) -> tuple[int, 
     try:
         with open(tmp, "wb") as raw:
             hashing = _HashingFile(raw)
-            with tarfile.open(fileobj=hashing, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            with contextlib.ExitStack() as stack:
+                sink: BinaryIO = hashing  # type: ignore[assignment]
+                if path.endswith(".gz"):
+                    sink = stack.enter_context(gzip.GzipFile(filename="", mode="wb", fileobj=sink, mtime=0))
+                tar = stack.enter_context(tarfile.open(fileobj=sink, mode="w", format=tarfile.USTAR_FORMAT))
                 for key, text in samples:
                     payload = text.encode("utf-8")
                     tar.addfile(_text_member(key, payload), io.BytesIO(payload))
@@ -135,34 +142,42 @@ class ShardReader:
                 f"corrupt or truncated shard {self.path} after {self.position} samples: {exc}"
             ) from None
 
-    def _next_group(self) -> tuple[str, list[tarfile.TarInfo]] | None:
+    def _next_group(self, want_text: bool = True) -> tuple[str, dict[str, bytes]] | None:
+        """The next sample's key and the payloads of its text members (empty when not
+        ``want_text``). Payloads are read before the next header, so access only moves
+        forward: a gzip shard is never rewound (which would re-decompress it from the start)."""
         first = self._next_member()
         if first is None:
             return None
         key, _ = split_member_name(first.name)
-        group = [first]
-        while (member := self._next_member()) is not None:
-            if split_member_name(member.name)[0] != key:
+        texts: dict[str, bytes] = {}
+        member: tarfile.TarInfo | None = first
+        while member is not None:
+            ext = split_member_name(member.name)[1]
+            if want_text and ext in TEXT_EXTENSIONS and ext not in texts:
+                texts[ext] = self._read_payload(key, member)
+            member = self._next_member()
+            if member is not None and split_member_name(member.name)[0] != key:
                 self._peeked = member
                 break
-            group.append(member)
         self.position += 1
-        return key, group
+        return key, texts
 
-    def _payload_text(self, key: str, group: list[tarfile.TarInfo]) -> str:
-        by_ext = {split_member_name(m.name)[1]: m for m in group}
-        member = next((by_ext[e] for e in TEXT_EXTENSIONS if e in by_ext), None)
-        if member is None:
-            raise ShardError(f"shard {self.path}: sample {key!r} has no .txt member")
+    def _read_payload(self, key: str, member: tarfile.TarInfo) -> bytes:
         try:
-            data = self._tar.extractfile(member).read()  # type: ignore[union-attr]
+            return self._tar.extractfile(member).read()  # type: ignore[union-attr]
         except (tarfile.TarError, OSError, EOFError) as exc:
             raise ShardError(f"corrupt or truncated shard {self.path} at {key!r}: {exc}") from None
+
+    def _payload_text(self, key: str, texts: dict[str, bytes]) -> str:
+        data = next((texts[e] for e in TEXT_EXTENSIONS if e in texts), None)
+        if data is None:
+            raise ShardError(f"shard {self.path}: sample {key!r} has no .txt member")
         return data.decode("utf-8", errors="replace")
 
     def skip(self, n: int) -> None:
         for _ in range(n):
-            if self._next_group() is None:
+            if self._next_group(want_text=False) is None:
                 raise ShardError(
                     f"shard {self.path} ended after {self.position} samples while skipping; "
                     "it is truncated or corrupt (rebuild it with `hncse-dist shards`)"
