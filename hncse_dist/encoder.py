@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .packed import packed_forward, right_padded, supports_packing
+from .packed import Packing, packed_forward, right_padded, supports_packing
 
 POOLERS = ("cls", "cls_before_pooler", "avg", "avg_first_last")
 PACKAGED_MODEL_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2", "packaged")
@@ -119,10 +119,21 @@ class Encoder(nn.Module):
     def uses_head(self) -> bool:
         return self.head is not None and (self.training or not self.mlp_only_train)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def packing_for(self, attention_mask: torch.Tensor, device: torch.device | str) -> Packing | None:
+        """The padding-free forward's index bookkeeping for ``attention_mask``, computed where
+        the mask is (the CPU, before the batch is moved) and moved to ``device``; None when
+        the forward will not pack (unsupported model or left padding)."""
+        if not (self.packed and right_padded(attention_mask)):
+            return None
+        return Packing(attention_mask).to(device)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                packing: Packing | None = None) -> torch.Tensor:
+        """One embedding per sequence. ``packing``: from ``packing_for`` on the same mask."""
         need_all = self.pooler == "avg_first_last"
-        if self.packed and right_padded(attention_mask):
-            last, first, pk = packed_forward(self.backbone, input_ids, attention_mask, keep_first=need_all)
+        if packing is not None or (self.packed and right_padded(attention_mask)):
+            last, first, pk = packed_forward(self.backbone, input_ids, attention_mask, keep_first=need_all,
+                                             packing=packing)
             if self.pooler in ("cls", "cls_before_pooler"):
                 pooled = last.index_select(0, pk.starts)
             elif self.pooler == "avg":

@@ -67,6 +67,13 @@ class Packing:
         self.starts = torch.cumsum(self.lengths, 0) - self.lengths  # first token of each sequence
         self.key_mask = mask.bool()[:, None, None, :]  # SDPA: True = attend
 
+    def to(self, device: torch.device | str) -> "Packing":
+        """The same packing on ``device``. Built from the CPU mask before the batch moves to a
+        GPU, it keeps ``nonzero`` and the padding check off the GPU: no host sync in the step."""
+        for name in ("index", "lengths", "row", "starts", "key_mask"):
+            setattr(self, name, getattr(self, name).to(device, non_blocking=True))
+        return self
+
     def pack(self, padded: torch.Tensor) -> torch.Tensor:
         return padded.reshape(self.batch * self.length, -1).index_select(0, self.index)
 
@@ -141,9 +148,11 @@ def _layer(layer: nn.Module, x: torch.Tensor, pk: Packing) -> torch.Tensor:
 
 
 def packed_forward(backbone: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   keep_first: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, Packing]:
-    """(last layer [T, h], first layer [T, h] if ``keep_first``, packing) for right-padded input."""
-    pk = Packing(attention_mask)
+                   keep_first: bool = False, packing: Packing | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, Packing]:
+    """(last layer [T, h], first layer [T, h] if ``keep_first``, packing) for right-padded input;
+    ``packing``: the mask's Packing when the caller built it already (see ``Packing.to``)."""
+    pk = packing if packing is not None else Packing(attention_mask)
     # Embeddings on the padded layout: the model computes its own position ids there (RoBERTa's
     # start after padding_idx); gathering the real tokens afterwards is exact.
     x = pk.pack(backbone.embeddings(input_ids=input_ids))

@@ -80,13 +80,15 @@ def make_accelerator(cfg: TrainConfig):
 
 
 def contrastive_step(model, ids, mask, objective: str, obj_cfg, bank: NegativeBank | None = None,
-                     generator: torch.Generator | None = None, read_bank: bool = True):
+                     generator: torch.Generator | None = None, read_bank: bool = True, packing=None):
     """Loss of one (micro-)batch: ONE forward over both dropout views (2N sequences), then
     the objective across ranks. ``bank`` is read as HNM candidates if ``read_bank`` (False
     during its warm-up). Returns (loss, z1, z2, to_push, stats): ``to_push`` is the global
     batch's detached (z2, sentence keys) that the loss gathered, for ``bank.push`` after the
-    step (None when there is no bank), so filling the bank costs no communication."""
-    emb = model(ids.repeat(2, 1), mask.repeat(2, 1)).float()
+    step (None when there is no bank), so filling the bank costs no communication.
+    ``packing``: ``Encoder.packing_for`` of ``mask.repeat(2, 1)``, built before the transfer."""
+    views = (ids.repeat(2, 1), mask.repeat(2, 1))
+    emb = (model(*views) if packing is None else model(*views, packing=packing)).float()
     z1, z2 = emb.chunk(2)
     keys = sentence_keys(ids, mask)
     has_bank = bank is not None and bank.batches > 0
@@ -221,12 +223,14 @@ def train(cfg: TrainConfig) -> int:
     model.train()
     while state["step"] < steps and exit_code == 0:
         for batch in stream:
+            # Index bookkeeping of the padding-free forward from the CPU mask: no GPU sync.
+            packing = encoder.packing_for(batch["attention_mask"].repeat(2, 1), acc.device)
             ids = batch["input_ids"].to(acc.device)
             mask = batch["attention_mask"].to(acc.device)
             with acc.accumulate(model):
                 use_bank = state["step"] >= cfg.bank_warmup_steps
                 loss, z1, z2, to_push, stats = contrastive_step(
-                    model, ids, mask, cfg.objective, obj_cfg, bank, hnm_gen, read_bank=use_bank
+                    model, ids, mask, cfg.objective, obj_cfg, bank, hnm_gen, read_bank=use_bank, packing=packing
                 )
                 skip = cfg.skip_nonfinite and all_ranks_agree(not bool(torch.isfinite(loss)), acc.device)
                 if skip:

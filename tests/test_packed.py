@@ -145,3 +145,20 @@ def test_batch_without_padding_takes_the_packed_path_too(monkeypatch):
         own = enc(f["input_ids"], f["attention_mask"])
     assert calls == [1]
     torch.testing.assert_close(packed, own, rtol=1e-5, atol=1e-6)
+
+
+def test_packing_built_before_the_transfer_gives_the_same_embeddings(monkeypatch):
+    backbone, tok = build("bert")
+    enc = Encoder(backbone, tok, pooler="avg_first_last").eval()
+    f = enc.tokenize(SENTENCES, 16)
+    packing = enc.packing_for(f["attention_mask"], "cpu")
+    assert packing is not None and packing.index.numel() == int(f["attention_mask"].sum())
+    with torch.no_grad():
+        inside = enc(f["input_ids"], f["attention_mask"])
+        monkeypatch.setattr(encoder_mod, "right_padded", lambda m: pytest.fail("mask checked again"))
+        given = enc(f["input_ids"], f["attention_mask"], packing=packing)
+    assert torch.equal(inside, given)
+    monkeypatch.undo()
+    tok.padding_side = "left"
+    g = enc.tokenize(SENTENCES, 16)
+    assert enc.packing_for(g["attention_mask"], "cpu") is None  # left padding: the model's forward
