@@ -9,10 +9,10 @@ Run from the repository root:
 Both evaluators score the full STS suite (STS12-16 pooled "all", STS-B test, SICK-R test)
 with the same model in the same process:
   * ours   ``hncse_dist.eval.sts.evaluate_sts``: distinct sentences of all tasks in one
-           ``Encoder.encode`` call (deduplicated, length-sorted batches);
+           ``Encoder.encode`` call (deduplicated, length-sorted batches, padding-free forward);
   * naive  written below: pairs in file order, batches of 128 pairs, first and second
-           sentences encoded batch by batch wherever they appear (no dedup, no sorting),
-           its own file parsing, scipy's spearmanr.
+           sentences encoded batch by batch wherever they appear (no dedup, no sorting,
+           the model's own padded forward), its own file parsing, scipy's spearmanr.
 Checks (the script exits 1 if one fails):
   * both parse the same gold scores, pair for pair;
   * per-pair cosine similarities agree to --cos-tolerance;
@@ -89,6 +89,14 @@ def naive_embed(encoder: Encoder, sentences: list[str], max_length: int) -> np.n
 def naive_sts(encoder: Encoder, data_dir: Path, batch_size: int, max_length: int) -> dict:
     """{"scores": {task: Spearman x 100, "avg"}, "gold"/"sims": {task: per-pair arrays}, "encoded"}."""
     encoder.eval()
+    packed, encoder.packed = encoder.packed, False  # naive = the model's own padded forward
+    try:
+        return _naive_sts(encoder, data_dir, batch_size, max_length)
+    finally:
+        encoder.packed = packed
+
+
+def _naive_sts(encoder: Encoder, data_dir: Path, batch_size: int, max_length: int) -> dict:
     scores, golds, sims, encoded = {}, {}, {}, 0
     for task in STS_TASKS:
         a, b, gold = naive_pairs(data_dir, task)
