@@ -242,6 +242,18 @@ class Variant:
         return self.name.split("/")[-1]
 
 
+def timed_update(clock: PhaseClock, loss: torch.Tensor, model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    """The part every variant's step shares: backward, clip grad norm 1.0, optimizer step and
+    zero_grad, each timed as its own phase."""
+    with clock.phase("backward"):
+        loss.backward()
+    with clock.phase("clip"):
+        torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+    with clock.phase("optimizer"):
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
 def make_hncse_step(setup: ModelSetup, objective: str, precision: str,
                     optimizer: torch.optim.Optimizer | None = None, packed: bool = True) -> Callable[[PhaseClock], float]:
     """The product's training step (train.py's loop body) for one objective; ``optimizer``
@@ -263,13 +275,7 @@ def make_hncse_step(setup: ModelSetup, objective: str, precision: str,
             loss, z1, z2, to_push, stats = contrastive_step(forward, ids, mask, objective, obj_cfg, bank, generator)
         if not bool(torch.isfinite(loss)):  # train.py's skip_nonfinite check
             raise FloatingPointError(f"non-finite loss in {objective}")
-        with clock.phase("backward"):
-            loss.backward()
-        with clock.phase("clip"):
-            torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
-        with clock.phase("optimizer"):
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        timed_update(clock, loss, model, opt)
         with clock.phase("bank"):
             if to_push is not None:
                 bank.push(*to_push)
@@ -293,13 +299,7 @@ def make_two_forward_step(setup: ModelSetup, precision: str) -> Callable[[PhaseC
             z1, z2 = forward(ids, mask), forward(ids, mask)
             loss, _ = hncse_loss(z1, z2, "simcse", None, config=obj_cfg, keys=sentence_keys(ids, mask),
                                  return_stats=True)
-        with clock.phase("backward"):
-            loss.backward()
-        with clock.phase("clip"):
-            torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
-        with clock.phase("optimizer"):
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        timed_update(clock, loss, model, opt)
         return float(loss.detach())
 
     return step
@@ -314,13 +314,7 @@ def make_st_step(setup: ModelSetup, precision: str) -> Callable[[PhaseClock], fl
         feat_a, feat_b = dict(setup.st_features), dict(setup.st_features)
         with clock.phase("forward+objective"), autocast(precision):
             loss = loss_fn(sentence_features=[feat_a, feat_b], labels=None)
-        with clock.phase("backward"):
-            loss.backward()
-        with clock.phase("clip"):
-            torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
-        with clock.phase("optimizer"):
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        timed_update(clock, loss, model, opt)
         return float(loss.detach())
 
     return step
