@@ -153,13 +153,17 @@ def _positive_mix(z1, z2, threshold, w1, w2, labels, nonpositive, weight_grad):
     return mixed, fixed | below, *found
 
 
-def _hnm_draw(sim: torch.Tensor, k: int, m: int, alpha, query_mix: int, beta_max: float, generator):
-    """The random choices of HNM for masked similarities ``sim`` [N, C] (one place, so the
-    vector form and the closed form consume the generator identically).
+def _hnm_draw(sim: torch.Tensor, exclude: torch.Tensor | None, k: int, m: int, alpha, query_mix: int,
+              beta_max: float, generator):
+    """The random choices of HNM for detached similarities ``sim`` [N, C], ``exclude``d
+    candidates masked out (one place, so the vector form and the closed form select and
+    consume the generator identically).
 
     Returns (top_sim [N, k'], top [N, k'], pa, pb [N, m] positions in the top-k, a [N, m],
     pc [N, query_mix] positions, beta [N, query_mix]).
     """
+    if exclude is not None:
+        sim = sim.masked_fill(exclude, float("-inf"))
     n, dev, dtype = sim.shape[0], sim.device, sim.dtype
     k_eff = min(k, sim.shape[1])
     top_sim, top = sim.topk(k_eff, dim=1)
@@ -207,9 +211,7 @@ def hard_negative_mix(
     qn = F.normalize(q.detach(), dim=-1)
     cn = F.normalize(candidates, dim=-1)
     sim = qn @ cn.detach().T
-    if exclude is not None:
-        sim = sim.masked_fill(exclude, float("-inf"))
-    _, top, pa, pb, a, pc, beta = _hnm_draw(sim, k, m, alpha, query_mix, beta_max, generator)
+    _, top, pa, pb, a, pc, beta = _hnm_draw(sim, exclude, k, m, alpha, query_mix, beta_max, generator)
     out = []
     if m > 0:
         a = a.unsqueeze(-1).to(cn.dtype)
@@ -248,10 +250,8 @@ def hard_negative_cos(
     qn = F.normalize(q, dim=-1)
     cn = F.normalize(candidates, dim=-1)
     full = qn @ cn.T  # [N, C]: selection (detached) and logits (with gradient) in one product
-    sim = full.detach()
-    if exclude is not None:
-        sim = sim.masked_fill(exclude, float("-inf"))
-    top_sim, top, pa, pb, a, pc, beta = _hnm_draw(sim, k, m, alpha, query_mix, beta_max, generator)
+    top_sim, top, pa, pb, a, pc, beta = _hnm_draw(full.detach(), exclude, k, m, alpha, query_mix, beta_max,
+                                                  generator)
     out = []
     if m > 0:
         topv = cn[top]  # [N, k', d]
