@@ -134,24 +134,17 @@ class Encoder(nn.Module):
         if packing is not None or (self.packed and right_padded(attention_mask)):
             last, first, pk = packed_forward(self.backbone, input_ids, attention_mask, keep_first=need_all,
                                              packing=packing)
-            if self.pooler in ("cls", "cls_before_pooler"):
-                pooled = last.index_select(0, pk.starts)
-            elif self.pooler == "avg":
-                pooled = pk.mean(last)
-            else:
-                pooled = pk.mean((first + last) / 2)
+            first_token, mean = (lambda h: h.index_select(0, pk.starts)), pk.mean
         else:
             out = self.backbone(
                 input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=need_all
             )
-            last = out.last_hidden_state
-            if self.pooler in ("cls", "cls_before_pooler"):
-                pooled = last[:, 0]
-            elif self.pooler == "avg":
-                pooled = masked_mean(last, attention_mask)
-            else:
-                first = out.hidden_states[1]
-                pooled = masked_mean((first + last) / 2, attention_mask)
+            last, first = out.last_hidden_state, out.hidden_states[1] if need_all else None
+            first_token, mean = (lambda h: h[:, 0]), (lambda h: masked_mean(h, attention_mask))
+        if self.pooler in ("cls", "cls_before_pooler"):
+            pooled = first_token(last)
+        else:
+            pooled = mean(last if self.pooler == "avg" else (first + last) / 2)
         if self.uses_head():
             pooled = self.head(pooled)
         return pooled
