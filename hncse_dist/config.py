@@ -67,6 +67,7 @@ class TrainConfig(ObjectiveConfig):
     resume: str | None = None  # "latest" or a checkpoint folder
     deepspeed: str | None = None  # ds_configs/zero2.json etc.
     skip_nonfinite: bool = True  # skip a step whose loss is NaN/inf on any rank
+    max_nonfinite_skips: int = 20  # stop (exit 1) after this many consecutive skipped steps
     progress: bool = True
     extra: dict = field(default_factory=dict, repr=False)
 

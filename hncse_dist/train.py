@@ -24,19 +24,36 @@ from .gather import all_ranks_agree
 from .objective import alignment, hncse_loss, uniformity
 
 REQUEUE_EXIT_CODE = 75  # "checkpointed after a preemption signal: requeue me" (EX_TEMPFAIL)
+INTERRUPT_EXIT_CODE = 130  # checkpointed after Ctrl-C (the shell's code for SIGINT)
 PACKAGED_STSB_DEV = Path(__file__).parent / "resources" / "sts-dev.csv"
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss stayed non-finite: stopping is better than skipping forever."""
+
+
 class PreemptionFlag:
-    """Set by SIGTERM / SIGUSR1 (Slurm's warning signals); acted on between steps."""
+    """Set by SIGTERM / SIGUSR1 (Slurm's warning signals) and SIGINT (Ctrl-C); acted on
+    between steps: checkpoint, then exit. A second SIGINT interrupts at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self) -> None:
         self.raised: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in self.SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.raised == signal.SIGINT:
+            raise KeyboardInterrupt
         self.raised = signum
+
+    @property
+    def exit_code(self) -> int:
+        return INTERRUPT_EXIT_CODE if self.raised == signal.SIGINT else REQUEUE_EXIT_CODE
+
+    def describe(self) -> str:
+        return "Ctrl-C" if self.raised == signal.SIGINT else "preemption signal"
 
 
 def make_accelerator(cfg: TrainConfig):
@@ -220,6 +237,7 @@ def train(cfg: TrainConfig) -> int:
 
     exit_code = 0
     window_start, window_steps, window_stats = time.perf_counter(), 0, {}
+    skips = NonFiniteSkips(cfg.max_nonfinite_skips, cfg.log_every)
     model.train()
     while state["step"] < steps and exit_code == 0:
         for batch in stream:
@@ -234,9 +252,18 @@ def train(cfg: TrainConfig) -> int:
                 )
                 skip = cfg.skip_nonfinite and all_ranks_agree(not bool(torch.isfinite(loss)), acc.device)
                 if skip:
-                    acc.print(f"step {state['step']}: non-finite loss on some rank, step skipped on all ranks")
                     optimizer.zero_grad(set_to_none=True)
+                    message = skips.skipped(state["step"])
+                    if message:
+                        acc.print(message)
+                    if all_ranks_agree(preempt.raised is not None, acc.device):
+                        save(state["step"])
+                        acc.print(f"{preempt.describe()}: checkpoint at step {state['step']} written, "
+                                  f"exiting {preempt.exit_code}")
+                        exit_code = preempt.exit_code
+                        break
                     continue
+                skips.reset()
                 acc.backward(loss)
                 grad_norm = None
                 if acc.sync_gradients and cfg.max_grad_norm > 0:
@@ -265,6 +292,7 @@ def train(cfg: TrainConfig) -> int:
                 values["lr"] = scheduler.get_last_lr()[0]
                 values["sentences_per_s"] = micro * cfg.batch_size * world_size / elapsed
                 values["bank/fill"] = bank.fill_fraction
+                values["nonfinite_skips"] = skips.total
                 if grad_norm is not None:
                     values["grad_norm"] = float(grad_norm)
                 if step % cfg.stats_every == 0:
@@ -282,8 +310,8 @@ def train(cfg: TrainConfig) -> int:
             if stop or (cfg.save_every > 0 and step % cfg.save_every == 0) or step == steps:
                 save(step)
             if stop:
-                acc.print(f"preemption signal: checkpoint at step {step} written, exiting {REQUEUE_EXIT_CODE}")
-                exit_code = REQUEUE_EXIT_CODE
+                acc.print(f"{preempt.describe()}: checkpoint at step {step} written, exiting {preempt.exit_code}")
+                exit_code = preempt.exit_code
                 break
             if step >= steps:
                 break
@@ -301,6 +329,33 @@ def train(cfg: TrainConfig) -> int:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return exit_code
+
+
+class NonFiniteSkips:
+    """Counts jointly skipped non-finite micro-steps; one message per window, not per step;
+    raises TrainingDiverged after ``limit`` consecutive skips (0: never)."""
+
+    def __init__(self, limit: int, window: int):
+        self.limit, self.window = limit, max(1, window)
+        self.consecutive = self.total = 0
+
+    def reset(self) -> None:
+        self.consecutive = 0
+
+    def skipped(self, step: int) -> str | None:
+        self.consecutive += 1
+        self.total += 1
+        if self.limit > 0 and self.consecutive >= self.limit:
+            raise TrainingDiverged(
+                f"the loss was non-finite (NaN/inf) on some rank for {self.consecutive} consecutive steps "
+                f"at step {step}: training stopped, the last checkpoint is untouched. Likely causes: a learning "
+                "rate far too high (SimCSE uses 1e-5..5e-5), fp16 overflow (use mixed_precision=bf16), or bad "
+                "data. Fix: lower learning_rate, switch precision, or raise max_nonfinite_skips"
+            )
+        if self.consecutive == 1 or self.consecutive % self.window == 0:
+            return (f"step {step}: non-finite loss on some rank, skipped on all ranks "
+                    f"({self.consecutive} in a row, {self.total} in this run)")
+        return None
 
 
 def maybe_eval(cfg, acc, model, state, log, out_dir: Path, step: int) -> None:
