@@ -110,8 +110,20 @@ def _lazy(module: str, func: str, argv: list[str]) -> int:
     return getattr(importlib.import_module(module), func)(argv)
 
 
+def _quiet_deepspeed_probe() -> None:
+    """DeepSpeed warns "Setting accelerator to CPU" whenever it is imported on a machine without
+    a GPU, DeepSpeed in use or not; naming the accelerator it would pick anyway keeps logs clean."""
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("train", "eval", "export"):
+        _quiet_deepspeed_probe()
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print("usage: hncse-dist COMMAND [args]  (hncse-dist COMMAND --help for more)\n")
         for name, (desc, _) in COMMANDS.items():

@@ -68,7 +68,8 @@ class TrainConfig(ObjectiveConfig):
     deepspeed: str | None = None  # ds_configs/zero2.json etc.
     skip_nonfinite: bool = True  # skip a step whose loss is NaN/inf on any rank
     max_nonfinite_skips: int = 20  # stop (exit 1) after this many consecutive skipped steps
-    progress: bool = True
+    progress: bool = True  # a progress bar on a terminal; without one, a line every log_every steps
+    peak_flops: float = 0.0  # per-device peak FLOP/s for MFU (0: datasheet for known GPUs, measured on CPU)
     extra: dict = field(default_factory=dict, repr=False)
 
     def objective_config(self) -> ObjectiveConfig:

@@ -21,6 +21,7 @@ from .checkpoint import Checkpointer
 from .config import ConfigError, TrainConfig
 from .encoder import Encoder
 from .gather import all_ranks_agree
+from .metrics import STSB_DEV_KEY, FlopsModel, memory_gb, peak_flops, progress_line, steady_rate
 from .objective import alignment, hncse_loss, uniformity
 
 REQUEUE_EXIT_CODE = 75  # "checkpointed after a preemption signal: requeue me" (EX_TEMPFAIL)
@@ -195,6 +196,8 @@ def train(cfg: TrainConfig) -> int:
     stream = build_stream(cfg, encoder.tokenizer, acc)
     steps = total_steps(cfg, stream.batches_per_epoch)
 
+    flops_model = FlopsModel(encoder)
+    peak = peak_flops(acc.device, cfg.mixed_precision, cfg.peak_flops)
     # The fused kernel (CPU and CUDA) is ~4x faster than the per-tensor loop on MiniLM (bench/throughput.py).
     optimizer = torch.optim.AdamW(encoder.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                   fused=True)
@@ -237,12 +240,17 @@ def train(cfg: TrainConfig) -> int:
 
     exit_code = 0
     window_start, window_steps, window_stats = time.perf_counter(), 0, {}
+    window_tokens, window_flops = 0, 0.0
     skips = NonFiniteSkips(cfg.max_nonfinite_skips, cfg.log_every)
     model.train()
     while state["step"] < steps and exit_code == 0:
         for batch in stream:
             # Index bookkeeping of the padding-free forward from the CPU mask: no GPU sync.
             packing = encoder.packing_for(batch["attention_mask"].repeat(2, 1), acc.device)
+            real_tokens = 2 * int(batch["attention_mask"].sum())  # a CPU tensor: no device sync
+            window_tokens += real_tokens
+            window_flops += flops_model.step(real_tokens, 2 * batch["attention_mask"].shape[0],
+                                             batch["attention_mask"].shape[1])
             ids = batch["input_ids"].to(acc.device)
             mask = batch["attention_mask"].to(acc.device)
             with acc.accumulate(model):
@@ -291,6 +299,10 @@ def train(cfg: TrainConfig) -> int:
                 values = {k: float(acc.reduce(v / micro, "mean")) for k, v in sorted(window_stats.items())}
                 values["lr"] = scheduler.get_last_lr()[0]
                 values["sentences_per_s"] = micro * cfg.batch_size * world_size / elapsed
+                values["tokens_per_s"] = window_tokens * world_size / elapsed
+                if peak:
+                    values["mfu"] = window_flops / elapsed / peak
+                values["memory_gb"] = memory_gb(acc.device)
                 values["bank/fill"] = bank.fill_fraction
                 values["nonfinite_skips"] = skips.total
                 if grad_norm is not None:
@@ -302,7 +314,10 @@ def train(cfg: TrainConfig) -> int:
                 log.log(step, values)
                 if bar is not None:
                     bar.set_postfix(loss=f"{values['loss']:.4f}", sps=f"{values['sentences_per_s']:.0f}")
+                else:  # batch logs (sbatch, nohup): one plain line per window instead of a bar
+                    acc.print(progress_line(step, steps, values, (steps - step) * elapsed / window_steps))
                 window_start, window_steps, window_stats = time.perf_counter(), 0, {}
+                window_tokens, window_flops = 0, 0.0
 
             if (cfg.eval_every > 0 and step % cfg.eval_every == 0) or step == steps:
                 maybe_eval(cfg, acc, model, state, log, out_dir, step)
@@ -317,6 +332,7 @@ def train(cfg: TrainConfig) -> int:
                 break
             if window_steps == 0:
                 window_start = time.perf_counter()  # evaluation and checkpoints are not training time
+                window_tokens, window_flops = 0, 0.0
 
     if exit_code == 0:
         export(acc, model, out_dir / "final")
@@ -379,7 +395,7 @@ def maybe_eval(cfg, acc, model, state, log, out_dir: Path, step: int) -> None:
     score = box[0]
     if score is None:
         return
-    log.log(step, {"eval/stsb_dev_spearman": score})
+    log.log(step, {STSB_DEV_KEY: score})
     acc.print(f"step {step}: STS-B dev Spearman {score:.2f}")
     if score > state["best_dev"]:
         state["best_dev"] = score
@@ -410,20 +426,16 @@ def export(acc, model, out_dir: Path) -> None:
 def write_summary(cfg: TrainConfig, out_dir: Path, state: dict, steps: int, world_size: int) -> None:
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    rates, losses = [], []
     with open(out_dir / "metrics.jsonl") as f:
-        for line in f:
-            rec = json.loads(line)
-            if "sentences_per_s" in rec:
-                rates.append(rec["sentences_per_s"])
-                losses.append(rec["loss"])
-    warm = rates[1:] or rates
+        records = [rec for rec in map(json.loads, f) if "sentences_per_s" in rec]
     summary = {
         "world_size": world_size,
         "global_batch": cfg.batch_size * world_size,
         "steps": steps,
-        "sentences_per_s": sum(warm) / len(warm) if warm else None,
-        "final_loss": losses[-1] if losses else None,
+        "sentences_per_s": steady_rate(records),
+        "tokens_per_s": steady_rate(records, "tokens_per_s"),
+        "mfu": steady_rate(records, "mfu"),
+        "final_loss": records[-1]["loss"] if records else None,
         "best_stsb_dev": state["best_dev"] if math.isfinite(state["best_dev"]) else None,
         "config": asdict(cfg),
     }
