@@ -57,6 +57,8 @@ class TrainConfig(ObjectiveConfig):
     # loop, logging, evaluation, checkpoints
     output_dir: str = "runs/hncse"
     log_every: int = 10
+    report_to: str = "tensorboard"  # tensorboard | wandb | mlflow | none, comma-separated for several
+    run_name: str | None = None  # the run's name in wandb / mlflow (default: output_dir's folder name)
     stats_every: int = 50  # alignment / uniformity
     eval_every: int = 125  # STS-B dev every N steps (0: only at the end)
     eval_file: str | None = "packaged"  # STS-B dev csv; "packaged" = the copy shipped in the package
@@ -96,6 +98,12 @@ class TrainConfig(ObjectiveConfig):
         for name in ("batch_size", "max_seq_length", "gradient_accumulation_steps", "num_epochs", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        try:
+            from .metrics import parse_report_to
+
+            parse_report_to(self.report_to)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         if self.deepspeed is not None and not Path(self.deepspeed).is_file():
             raise ConfigError(f"deepspeed={self.deepspeed} not found: use one of ds_configs/zero{{1,2,3}}.json")
         if self.mixed_precision == "fp32":

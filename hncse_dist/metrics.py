@@ -4,9 +4,11 @@ terminal (sbatch logs)."""
 
 from __future__ import annotations
 
+import json
 import math
 import resource
 import time
+from pathlib import Path
 
 import torch
 
@@ -102,3 +104,69 @@ def progress_line(step: int, total: int, values: dict, eta_s: float) -> str:
     if values.get("nonfinite_skips"):
         parts.append(f"skipped {values['nonfinite_skips']}")
     return " | ".join(parts)
+
+
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+_TRACKER_PACKAGES = {"wandb": "wandb", "mlflow": "mlflow"}
+
+
+def parse_report_to(value: str) -> list[str]:
+    """``report_to`` (comma-separated, or none) as a list of trackers; the message names the fix."""
+    import importlib.util
+
+    names = [v.strip() for v in str(value).split(",") if v.strip() and v.strip() != "none"]
+    for name in names:
+        if name not in TRACKERS:
+            raise ValueError(f"report_to={value!r}: unknown tracker {name!r}; use any of {', '.join(TRACKERS)} or none")
+        package = _TRACKER_PACKAGES.get(name)
+        if package and importlib.util.find_spec(package) is None:
+            raise ValueError(f"report_to={value!r}: {package} is not installed; Fix: pip install {package}, "
+                             "or report_to=tensorboard")
+    return names
+
+
+def hparams_of(config: dict) -> dict:
+    """Config values TensorBoard's HParams accepts (numbers, strings, booleans)."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()}
+
+
+class MetricsLog:
+    """metrics.jsonl and the chosen trackers on the main process; no-ops elsewhere.
+
+    TensorBoard is written directly (scalars under ``tb/``, the run's hyperparameters with its
+    final metrics in the HParams tab); wandb / mlflow go through Accelerate's trackers."""
+
+    def __init__(self, out_dir: Path, enabled: bool, trackers: list[str] | tuple[str, ...] = ("tensorboard",),
+                 accelerator=None):
+        self.enabled = enabled
+        self.tb = None
+        self.others = accelerator if enabled and any(t != "tensorboard" for t in trackers) else None
+        if enabled:
+            if "tensorboard" in trackers:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(Path(out_dir) / "tb"))
+            self.jsonl = open(Path(out_dir) / "metrics.jsonl", "a", buffering=1)
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, step)
+        if self.others is not None:
+            self.others.log(values, step=step)
+        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+
+    def hparams(self, config: dict, results: dict) -> None:
+        """The run's hyperparameters next to its final metrics (sweeps and scaling studies)."""
+        if not self.enabled or self.tb is None:
+            return
+        metrics = {f"hparam/{k}": float(v) for k, v in results.items() if isinstance(v, (int, float))}
+        self.tb.add_hparams(hparams_of(config), metrics, run_name=".")
+
+    def close(self) -> None:
+        if self.enabled:
+            if self.tb is not None:
+                self.tb.close()
+            self.jsonl.close()

@@ -21,7 +21,8 @@ from .checkpoint import Checkpointer
 from .config import ConfigError, TrainConfig
 from .encoder import Encoder
 from .gather import all_ranks_agree
-from .metrics import STSB_DEV_KEY, FlopsModel, memory_gb, peak_flops, progress_line, steady_rate
+from .metrics import (STSB_DEV_KEY, FlopsModel, MetricsLog, hparams_of, memory_gb, parse_report_to, peak_flops,
+                      progress_line, steady_rate)
 from .objective import alignment, hncse_loss, uniformity
 
 REQUEUE_EXIT_CODE = 75  # "checkpointed after a preemption signal: requeue me" (EX_TEMPFAIL)
@@ -66,7 +67,10 @@ def make_accelerator(cfg: TrainConfig):
     # Without an explicit backend, DeepSpeed on CPU leaves every rank believing it is alone.
     pg = InitProcessGroupKwargs(backend="nccl" if on_gpu else "gloo", timeout=timedelta(minutes=30))
     expected = int(os.environ.get("WORLD_SIZE", "1"))
+    trackers = [t for t in parse_report_to(cfg.report_to) if t != "tensorboard"]  # TensorBoard is written directly
     kwargs = dict(
+        log_with=trackers or None,
+        **({"project_dir": cfg.output_dir} if trackers else {}),
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         # Gradients as views of DDP's buckets: one copy of the gradients instead of two.
@@ -143,30 +147,6 @@ def total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
     return steps
 
 
-class MetricsLog:
-    """TensorBoard scalars and a metrics.jsonl on the main process; no-ops elsewhere."""
-
-    def __init__(self, out_dir: Path, enabled: bool):
-        self.enabled = enabled
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out_dir / "tb"))
-            self.jsonl = open(out_dir / "metrics.jsonl", "a", buffering=1)
-
-    def log(self, step: int, values: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        for k, v in values.items():
-            self.tb.add_scalar(k, v, step)
-        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
-
-    def close(self) -> None:
-        if self.enabled:
-            self.tb.close()
-            self.jsonl.close()
-
-
 def _eval_dev(cfg: TrainConfig, encoder: Encoder) -> float | None:
     from .eval.sts import dev_spearman
 
@@ -226,7 +206,10 @@ def train(cfg: TrainConfig) -> int:
         ckpt.save(tag_step, {"trainer": state, "bank": bank.state_dict(), "data": stream.state_dict(),
                              "generator": hnm_gen.get_state(), "param_digest": parameter_digest(model)})
 
-    log = MetricsLog(out_dir, acc.is_main_process)
+    trackers = parse_report_to(cfg.report_to)
+    if any(t != "tensorboard" for t in trackers):
+        acc.init_trackers(cfg.run_name or out_dir.name, config=hparams_of(asdict(cfg)))
+    log = MetricsLog(out_dir, acc.is_main_process, trackers, acc)
     if acc.is_main_process:
         (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
     acc.print(f"world size {world_size} | global batch {cfg.batch_size * world_size} | "
@@ -336,7 +319,9 @@ def train(cfg: TrainConfig) -> int:
 
     if exit_code == 0:
         export(acc, model, out_dir / "final")
-        write_summary(cfg, out_dir, state, steps, world_size)
+        summary = write_summary(cfg, out_dir, state, steps, world_size)
+        if summary is not None:
+            log.hparams(asdict(cfg), {k: summary[k] for k in ("final_loss", "best_stsb_dev", "sentences_per_s", "mfu")})
     if bar is not None:
         bar.close()
     log.close()
@@ -423,9 +408,9 @@ def export(acc, model, out_dir: Path) -> None:
     acc.wait_for_everyone()
 
 
-def write_summary(cfg: TrainConfig, out_dir: Path, state: dict, steps: int, world_size: int) -> None:
+def write_summary(cfg: TrainConfig, out_dir: Path, state: dict, steps: int, world_size: int) -> dict | None:
     if int(os.environ.get("RANK", "0")) != 0:
-        return
+        return None
     with open(out_dir / "metrics.jsonl") as f:
         records = [rec for rec in map(json.loads, f) if "sentences_per_s" in rec]
     summary = {
@@ -440,3 +425,4 @@ def write_summary(cfg: TrainConfig, out_dir: Path, state: dict, steps: int, worl
         "config": asdict(cfg),
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary

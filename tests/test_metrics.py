@@ -59,3 +59,38 @@ def test_batch_log_has_a_line_per_window_and_metrics_have_mfu(tmp_path, tiny_ber
     summary = json.loads((out / "summary.json").read_text())
     assert summary["tokens_per_s"] == pytest.approx(steady_rate(recs, "tokens_per_s"))
     assert 0 < summary["mfu"] < 1
+
+
+@pytest.mark.slow
+def test_hparams_tab_holds_the_config_and_final_metrics(tmp_path, tiny_bert, corpus):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "hncse_dist.cli", "train",
+                           *common(tiny_bert, corpus, out, max_steps=3, save_every=0, eval_file="null",
+                                   learning_rate=4e-5)],
+                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    acc = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    content = acc.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    hp = start.session_start_info.hparams
+    assert hp["learning_rate"].number_value == pytest.approx(4e-5) and hp["objective"].string_value == "hncse"
+    summary = json.loads((out / "summary.json").read_text())
+    final = acc.Scalars("hparam/final_loss")
+    assert final[-1].value == pytest.approx(summary["final_loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("value,needle", [("wandb", "pip install wandb"), ("tensorbord", "unknown tracker")])
+def test_report_to_a_tracker_that_is_missing_is_refused(tmp_path, tiny_bert, corpus, value, needle):
+    import importlib.util
+
+    if value == "wandb" and importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    proc = subprocess.run([sys.executable, "-m", "hncse_dist.cli", "train",
+                           *common(tiny_bert, corpus, tmp_path / "run", report_to=value)],
+                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and needle in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
