@@ -67,6 +67,7 @@ class TrainConfig(ObjectiveConfig):
     keep_last: int = 2
     save_best: bool = True  # export the best STS-B dev model to output_dir/best
     resume: str | None = None  # "latest" or a checkpoint folder
+    overwrite: bool = False  # replace the run already in output_dir (without it, such a folder is refused)
     deepspeed: str | None = None  # ds_configs/zero2.json etc.
     skip_nonfinite: bool = True  # skip a step whose loss is NaN/inf on any rank
     max_nonfinite_skips: int = 20  # stop (exit 1) after this many consecutive skipped steps

@@ -24,6 +24,7 @@ from .gather import all_ranks_agree
 from .metrics import (STSB_DEV_KEY, FlopsModel, MetricsLog, hparams_of, memory_gb, parse_report_to, peak_flops,
                       progress_line, steady_rate)
 from .objective import alignment, hncse_loss, uniformity
+from .rundir import claim_output_dir
 
 REQUEUE_EXIT_CODE = 75  # "checkpointed after a preemption signal: requeue me" (EX_TEMPFAIL)
 INTERRUPT_EXIT_CODE = 130  # checkpointed after Ctrl-C (the shell's code for SIGINT)
@@ -162,6 +163,8 @@ def train(cfg: TrainConfig) -> int:
     from transformers import get_linear_schedule_with_warmup
 
     cfg.validate()
+    claim_output_dir(Path(cfg.output_dir), json.loads(json.dumps(asdict(cfg), default=str)), cfg.resume,
+                     cfg.overwrite, is_main=int(os.environ.get("RANK", "0")) == 0)
     preempt = PreemptionFlag()
     acc = make_accelerator(cfg)
     rank, world_size = acc.process_index, acc.num_processes
