@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from .encoder import POOLERS
-from .objective import OBJECTIVES, ObjectiveConfig
+from .objective import ObjectiveConfig
 
 PRECISIONS = ("no", "fp32", "bf16", "fp16")
 
@@ -41,7 +41,6 @@ class TrainConfig(ObjectiveConfig):
     num_workers: int = 2
     shuffle_buffer: int = 1000
     # optimisation
-    objective: str = "hncse"
     learning_rate: float = 3e-5
     weight_decay: float = 0.0
     warmup_steps: int = 0
@@ -79,8 +78,6 @@ class TrainConfig(ObjectiveConfig):
         return ObjectiveConfig(**{f.name: getattr(self, f.name) for f in fields(ObjectiveConfig)})
 
     def validate(self) -> "TrainConfig":
-        if self.objective not in OBJECTIVES:
-            raise ConfigError(f"objective={self.objective!r} does not exist: use one of {', '.join(OBJECTIVES)}")
         if self.pooler not in POOLERS:
             raise ConfigError(f"pooler={self.pooler!r} does not exist: use one of {', '.join(POOLERS)}")
         if self.mixed_precision not in PRECISIONS:

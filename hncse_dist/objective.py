@@ -1,9 +1,11 @@
 """The HNCSE objective: SimCSE's InfoNCE, positive mixing (PM), hard negative mixing (HNM).
 
-Pure tensor functions. ``hncse_loss`` is the only function that talks to other ranks: when
-torch.distributed is initialized it gathers the candidates of all ranks itself (with
-gradient) and returns this rank's local loss, so that DDP's gradient average equals the
-gradient of the single-process loss on the global batch.
+Pure tensor functions, and ``HncseLoss``, the objective as a component: built once from an
+``ObjectiveConfig`` (validated there), called on both views, returning a ``LossOutput``.
+``HncseLoss`` / ``hncse_loss`` are the only code that talks to other ranks: when
+torch.distributed is initialized they gather the candidates of all ranks (with gradient)
+and return this rank's local loss, so that DDP's gradient average equals the gradient of the
+single-process loss on the global batch.
 
 Similarities are s(a, b) = cos(a, b) / temperature throughout.
 """
@@ -11,6 +13,7 @@ Similarities are s(a, b) = cos(a, b) / temperature throughout.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +28,7 @@ PM_NONPOSITIVE = ("skip", "fixed")
 class ObjectiveConfig:
     """Every choice of the objective; the defaults are documented in the README."""
 
+    objective: str = "hncse"  # simcse | pm (positive mixing) | hnm (hard negative mixing) | hncse (both)
     temperature: float = 0.05  # tau: similarities are cos / tau
     # Positive mixing. w1/w2 are fixed weights for the "small gap" case (the reference code
     # searches them with Optuna at every step); bench/quality.py sweeps them on STS-B dev.
@@ -49,6 +53,8 @@ class ObjectiveConfig:
     bank_in_logits: bool = False  # also use raw bank entries as plain negatives
 
     def validate(self) -> "ObjectiveConfig":
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective={self.objective!r} does not exist: use one of {', '.join(OBJECTIVES)}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.pm_nonpositive not in PM_NONPOSITIVE:
@@ -153,14 +159,32 @@ def _positive_mix(z1, z2, threshold, w1, w2, labels, nonpositive, weight_grad):
     return mixed, fixed | below, *found
 
 
+class HnmDraw(NamedTuple):
+    """The random choices of HNM for one batch (positions index each row's top-k)."""
+
+    top_sim: torch.Tensor  # [N, k'] cosines of the top-k candidates (-inf where excluded)
+    top: torch.Tensor  # [N, k'] candidate indices
+    pa: torch.Tensor | None  # [N, m] first mixed candidate (position in the top-k)
+    pb: torch.Tensor | None  # [N, m] second mixed candidate
+    a: torch.Tensor | None  # [N, m] mixing weight alpha
+    pc: torch.Tensor | None  # [N, query_mix] candidate mixed with the query
+    beta: torch.Tensor | None  # [N, query_mix] query weight
+
+
+class LossOutput(NamedTuple):
+    loss: torch.Tensor  # this rank's loss (with gradient)
+    stats: dict  # 0-dim detached tensors: cos/positive, pm/trigger_rate, hnm/...
+    z2_global: torch.Tensor  # every rank's second view, detached [W*n, d]: what the bank keeps
+    keys_global: torch.Tensor | None  # every rank's sentence keys [W*n] (None without keys)
+
+
 def _hnm_draw(sim: torch.Tensor, exclude: torch.Tensor | None, k: int, m: int, alpha, query_mix: int,
               beta_max: float, generator):
     """The random choices of HNM for detached similarities ``sim`` [N, C], ``exclude``d
     candidates masked out (one place, so the vector form and the closed form select and
     consume the generator identically).
 
-    Returns (top_sim [N, k'], top [N, k'], pa, pb [N, m] positions in the top-k, a [N, m],
-    pc [N, query_mix] positions, beta [N, query_mix]).
+    Returns an HnmDraw.
     """
     if exclude is not None:
         sim = sim.masked_fill(exclude, float("-inf"))
@@ -184,45 +208,7 @@ def _hnm_draw(sim: torch.Tensor, exclude: torch.Tensor | None, k: int, m: int, a
     if query_mix > 0:
         beta = torch.rand((n, query_mix, 1), generator=generator, device=dev, dtype=dtype).squeeze(-1) * beta_max
         pc = draw(query_mix)
-    return top_sim, top, pa, pb, a, pc, beta
-
-
-def hard_negative_mix(
-    q: torch.Tensor,
-    candidates: torch.Tensor,
-    k: int = 10,
-    m: int = 40,
-    alpha: float | None = 0.5,
-    generator: torch.Generator | None = None,
-    exclude: torch.Tensor | None = None,
-    query_mix: int = 0,
-    beta_max: float = 0.5,
-) -> torch.Tensor:
-    """HNCSE-HNM / MoCHi: [N, m + query_mix, d] unit-norm synthetic negatives per query.
-
-    Each of the m synthetics is alpha * n_a + (1 - alpha) * n_b, L2-normalized, with (a, b)
-    drawn with replacement from the query's top-k most cosine-similar candidates (after
-    ``exclude`` [N, C] bool masks some out). ``alpha=None`` draws alpha ~ U(0, 1) each.
-    ``query_mix`` more are beta * q + (1 - beta) * n_a with beta ~ U(0, beta_max).
-    Gradient flows to ``candidates`` only if they carry it; ``q`` is always detached.
-    The trainer uses ``hard_negative_cos``, which gives the cosines of q with these vectors
-    without building them.
-    """
-    qn = F.normalize(q.detach(), dim=-1)
-    cn = F.normalize(candidates, dim=-1)
-    sim = qn @ cn.detach().T
-    _, top, pa, pb, a, pc, beta = _hnm_draw(sim, exclude, k, m, alpha, query_mix, beta_max, generator)
-    out = []
-    if m > 0:
-        a = a.unsqueeze(-1).to(cn.dtype)
-        out.append(F.normalize(a * cn[top.gather(1, pa)] + (1 - a) * cn[top.gather(1, pb)], dim=-1))
-    if query_mix > 0:
-        beta = beta.unsqueeze(-1).to(cn.dtype)
-        nc = cn[top.gather(1, pc)].detach()
-        out.append(F.normalize(beta * qn.unsqueeze(1).to(cn.dtype) + (1 - beta) * nc, dim=-1))
-    if not out:
-        return cn.new_zeros((q.shape[0], 0, cn.shape[1]))
-    return torch.cat(out, dim=1)
+    return HnmDraw(top_sim, top, pa, pb, a, pc, beta)
 
 
 def hard_negative_cos(
@@ -245,13 +231,13 @@ def hard_negative_cos(
     so the [N, m, d] synthetics are never built: the cosines come from the [N, C] similarity
     matrix that selects the top-k, and n_a.n_b from each row's [k, k] Gram matrix.
     Gradient reaches ``q`` (what the loss needs) and ``candidates`` if they carry it, exactly
-    as through the explicit vectors. Returns (cos [N, m + query_mix], top-k cos [N, k'] detached).
+    as through the explicit vectors (tests/oracles.py builds them to check this). Returns (cos [N, m + query_mix], top-k cos [N, k'] detached).
     """
     qn = F.normalize(q, dim=-1)
     cn = F.normalize(candidates, dim=-1)
     full = qn @ cn.T  # [N, C]: selection (detached) and logits (with gradient) in one product
     top_sim, top, pa, pb, a, pc, beta = _hnm_draw(full.detach(), exclude, k, m, alpha, query_mix, beta_max,
-                                                  generator)
+                                                  generator)  # an HnmDraw
     out = []
     if m > 0:
         topv = cn[top]  # [N, k', d]
@@ -284,6 +270,28 @@ def uniformity(z: torch.Tensor, t: float = 2.0) -> torch.Tensor:
     return torch.pdist(zn).pow(2).mul(-t).exp().mean().log()
 
 
+class HncseLoss(torch.nn.Module):
+    """The objective as a component: ``HncseLoss(ObjectiveConfig(objective="hncse", ...))``,
+    validated once here; ``forward`` gives this rank's loss and what the bank needs.
+
+    z1, z2 [n, d]: this rank's two dropout views. When torch.distributed is initialized (and
+    ``gather``), every rank's z2 (and PM's mixed positives) are gathered with gradient and
+    labels are offset by rank * n. ``bank`` [B, d]: detached embeddings of earlier global
+    batches (identical on every rank), used as HNM candidates (and as logits if
+    ``bank_in_logits``). ``keys``/``bank_keys``: int64 sentence hashes for duplicate masking.
+    """
+
+    def __init__(self, config: ObjectiveConfig | None = None, gather: bool = True):
+        super().__init__()
+        self.config = replace(config or ObjectiveConfig()).validate()
+        self.gather = gather
+
+    def forward(self, z1: torch.Tensor, z2: torch.Tensor, bank: torch.Tensor | None = None, *,
+                keys: torch.Tensor | None = None, bank_keys: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> LossOutput:
+        return _objective(z1, z2, self.config, bank, keys, bank_keys, generator, self.gather)
+
+
 def hncse_loss(
     z1: torch.Tensor,
     z2: torch.Tensor,
@@ -296,36 +304,33 @@ def hncse_loss(
     generator: torch.Generator | None = None,
     gather: bool = True,
     return_stats: bool = False,
-    gathered: dict | None = None,
     **options,
 ):
-    """This rank's loss for ``objective`` in simcse | pm | hnm | hncse.
+    """Functional form of ``HncseLoss`` for one call: ``options`` override fields of
+    ``config``. Returns the loss, or (loss, stats) with ``return_stats``."""
+    cfg = replace(config or ObjectiveConfig(), objective=objective, **options).validate()
+    out = _objective(z1, z2, cfg, bank, keys, bank_keys, generator, gather)
+    return (out.loss, out.stats) if return_stats else out.loss
 
-    z1, z2 [n, d]: this rank's two dropout views. When torch.distributed is initialized (and
-    ``gather``), every rank's z2 (and PM's mixed positives) are gathered with gradient and
-    labels are offset by rank * n. ``bank`` [B, d]: detached embeddings of earlier global
-    batches (identical on every rank), used as HNM candidates (and as logits if
-    ``bank_in_logits``). ``keys``/``bank_keys``: int64 sentence hashes for duplicate masking.
-    ``options`` override fields of ``config`` (see ObjectiveConfig).
-    ``gathered``: a dict that receives the detached global "z2" [W*n, d] and, when ``keys`` are
-    given, "keys" [W*n], so the caller can fill the negative bank without gathering again.
-    Returns the loss, or (loss, stats) with ``return_stats``: stats are 0-dim detached tensors.
-    """
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}: choose one of {', '.join(OBJECTIVES)}")
-    cfg = replace(config or ObjectiveConfig(), **options).validate()
+
+def _masked_mean_max(values: torch.Tensor, finite: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and max over the finite entries without a boolean index (which syncs a GPU)."""
+    count = finite.sum().clamp_min(1)
+    mean = torch.where(finite, values, torch.zeros_like(values)).sum() / count
+    top = torch.where(finite, values, torch.full_like(values, float("-inf"))).max()
+    return mean, top
+
+
+def _objective(z1, z2, cfg: ObjectiveConfig, bank, keys, bank_keys, generator, gather: bool) -> LossOutput:
+    objective = cfg.objective
     rank, world_size = world() if gather else (0, 1)
     n = z1.shape[0]
     labels = torch.arange(n, device=z1.device) + rank * n
     z2_all = gather_with_grad(z2) if world_size > 1 else z2
     uses_hnm = objective in ("hnm", "hncse") and (cfg.hnm_m > 0 or cfg.hnm_query_mix > 0)
     all_keys = None
-    if keys is not None and (gathered is not None or (uses_hnm and cfg.hnm_mask_duplicates)):
+    if keys is not None:
         all_keys = gather_no_grad(keys) if world_size > 1 else keys
-    if gathered is not None:
-        gathered["z2"] = z2_all.detach()
-        if all_keys is not None:
-            gathered["keys"] = all_keys
     stats: dict[str, torch.Tensor] = {}
 
     candidates = z2_all
@@ -345,22 +350,17 @@ def hncse_loss(
             synthetic_cos, top_sim = hard_negative_cos(
                 z1, pool, cfg.hnm_k, cfg.hnm_m, cfg.hnm_alpha, generator, exclude, cfg.hnm_query_mix, cfg.hnm_beta_max
             )
-            top_sim = top_sim[torch.isfinite(top_sim)]
-            if top_sim.numel() > 0:
-                stats["hnm/topk_cos_mean"] = top_sim.mean()
-                stats["hnm/topk_cos_max"] = top_sim.max()
+            stats["hnm/topk_cos_mean"], stats["hnm/topk_cos_max"] = _masked_mean_max(top_sim, torch.isfinite(top_sim))
             stats["hnm/synthetic_cos_mean"] = synthetic_cos.detach().mean()
 
     if cfg.bank_in_logits and bank is not None and bank.shape[0] > 0:
         candidates = torch.cat([candidates, bank.detach().to(candidates.dtype)])
     loss = info_nce(z1, candidates, cfg.temperature, labels=labels, extra_cos=synthetic_cos)
-    if not return_stats:
-        return loss
     with torch.no_grad():
         d1, d2 = found if found is not None else hardest_negatives(z1, z2_all, labels)[:2]
         stats["cos/positive"] = d1.mean()
         stats["cos/hardest_negative"] = d2.mean()
-    return loss, stats
+    return LossOutput(loss, stats, z2_all.detach(), all_keys)
 
 
 def _hnm_pool(z1, z2_all, labels, bank, keys, all_keys, bank_keys, cfg: ObjectiveConfig):

@@ -23,7 +23,7 @@ from .encoder import Encoder
 from .gather import all_ranks_agree
 from .metrics import (STSB_DEV_KEY, FlopsModel, MetricsLog, hparams_of, memory_gb, parse_report_to, peak_flops,
                       progress_line, steady_rate)
-from .objective import alignment, hncse_loss, uniformity
+from .objective import HncseLoss, ObjectiveConfig, alignment, uniformity
 from .rundir import claim_output_dir
 
 REQUEUE_EXIT_CODE = 75  # "checkpointed after a preemption signal: requeue me" (EX_TEMPFAIL)
@@ -102,7 +102,7 @@ def make_accelerator(cfg: TrainConfig):
     return acc
 
 
-def contrastive_step(model, ids, mask, objective: str, obj_cfg, bank: NegativeBank | None = None,
+def contrastive_step(model, ids, mask, loss_fn: HncseLoss | str, bank: NegativeBank | None = None,
                      generator: torch.Generator | None = None, read_bank: bool = True, packing=None):
     """Loss of one (micro-)batch: ONE forward over both dropout views (2N sequences), then
     the objective across ranks. ``bank`` is read as HNM candidates if ``read_bank`` (False
@@ -110,17 +110,19 @@ def contrastive_step(model, ids, mask, objective: str, obj_cfg, bank: NegativeBa
     batch's detached (z2, sentence keys) that the loss gathered, for ``bank.push`` after the
     step (None when there is no bank), so filling the bank costs no communication.
     ``packing``: ``Encoder.packing_for`` of ``mask.repeat(2, 1)``, built before the transfer."""
+    if isinstance(loss_fn, str):  # an objective name with the default options
+        loss_fn = HncseLoss(ObjectiveConfig(objective=loss_fn))
     views = (ids.repeat(2, 1), mask.repeat(2, 1))
     emb = (model(*views) if packing is None else model(*views, packing=packing)).float()
     z1, z2 = emb.chunk(2)
-    keys = sentence_keys(ids, mask)
     has_bank = bank is not None and bank.batches > 0
+    cfg = loss_fn.config
+    masks_duplicates = cfg.objective in ("hnm", "hncse") and cfg.hnm_mask_duplicates
+    keys = sentence_keys(ids, mask) if has_bank or masks_duplicates else None  # gathered only when used
     bank_z, bank_k = bank.contents() if has_bank and read_bank else (None, None)
-    gathered = {} if has_bank else None
-    loss, stats = hncse_loss(z1, z2, objective, bank_z, config=obj_cfg, keys=keys, bank_keys=bank_k,
-                             generator=generator, return_stats=True, gathered=gathered)
-    to_push = (gathered["z2"], gathered["keys"]) if has_bank else None
-    return loss, z1, z2, to_push, stats
+    out = loss_fn(z1, z2, bank_z, keys=keys, bank_keys=bank_k, generator=generator)
+    to_push = (out.z2_global, out.keys_global) if has_bank else None
+    return out.loss, z1, z2, to_push, out.stats
 
 
 def build_stream(cfg: TrainConfig, tokenizer, acc):
@@ -217,7 +219,7 @@ def train(cfg: TrainConfig) -> int:
         (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
     acc.print(f"world size {world_size} | global batch {cfg.batch_size * world_size} | "
               f"{steps} steps | objective {cfg.objective} | device {acc.device}")
-    obj_cfg = cfg.objective_config()
+    loss_fn = HncseLoss(cfg.objective_config())
     bar = None
     if cfg.progress and acc.is_main_process and sys.stderr.isatty():  # no bar spam in batch logs
         from tqdm.auto import tqdm
@@ -242,7 +244,7 @@ def train(cfg: TrainConfig) -> int:
             with acc.accumulate(model):
                 use_bank = state["step"] >= cfg.bank_warmup_steps
                 loss, z1, z2, to_push, stats = contrastive_step(
-                    model, ids, mask, cfg.objective, obj_cfg, bank, hnm_gen, read_bank=use_bank, packing=packing
+                    model, ids, mask, loss_fn, bank, hnm_gen, read_bank=use_bank, packing=packing
                 )
                 skip = cfg.skip_nonfinite and all_ranks_agree(not bool(torch.isfinite(loss)), acc.device)
                 if skip:

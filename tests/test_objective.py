@@ -7,15 +7,16 @@ import torch
 import torch.nn.functional as F
 
 from hncse_dist.objective import (
+    HncseLoss,
     ObjectiveConfig,
     alignment,
     hard_negative_cos,
-    hard_negative_mix,
     hncse_loss,
     info_nce,
     positive_mix,
     uniformity,
 )
+from tests.oracles import hard_negative_mix
 
 
 def unit(*xs):
@@ -256,6 +257,8 @@ def test_unknown_objective_names_the_choices():
     z1, z2 = _views()
     with pytest.raises(ValueError, match="simcse, pm, hnm, hncse"):
         hncse_loss(z1, z2, "moco")
+    with pytest.raises(ValueError, match="simcse, pm, hnm, hncse"):  # the component checks at construction
+        HncseLoss(ObjectiveConfig(objective="moco"))
 
 
 def test_alignment_and_uniformity_values():
@@ -301,9 +304,10 @@ def test_closed_form_hnm_cosines_equal_the_explicit_synthetics(alpha, query_mix,
 
 def test_loss_hands_back_the_global_batch_for_the_bank():
     z1, z2 = _views()
-    got = {}
-    hncse_loss(z1, z2, "simcse", keys=torch.arange(6), gathered=got)
-    assert torch.equal(got["z2"], z2) and torch.equal(got["keys"], torch.arange(6))
+    out = HncseLoss(ObjectiveConfig(objective="simcse"))(z1, z2, keys=torch.arange(6))
+    assert torch.equal(out.z2_global, z2) and not out.z2_global.requires_grad
+    assert torch.equal(out.keys_global, torch.arange(6))
+    assert out.loss.item() == pytest.approx(hncse_loss(z1, z2, "simcse").item(), rel=1e-12)
     stats = hncse_loss(z1, z2, "hncse", keys=torch.arange(6), return_stats=True, generator=torch.Generator())[1]
     assert {"hnm/topk_cos_mean", "hnm/topk_cos_max", "hnm/synthetic_cos_mean", "pm/trigger_rate",
             "cos/positive", "cos/hardest_negative"} <= set(stats)

@@ -1,5 +1,5 @@
 """Run under torchrun: joint decisions and no-grad gathers behave the same on every rank; the
-bank is filled the trainer's way, from the global batch that hncse_loss gathered."""
+bank is filled the trainer's way, from the global batch that HncseLoss gathered."""
 
 import json
 import sys
@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from hncse_dist.bank import NegativeBank
 from hncse_dist.gather import all_ranks_agree, gather_no_grad
-from hncse_dist.objective import hncse_loss
+from hncse_dist.objective import HncseLoss, ObjectiveConfig
 
 
 def main():
@@ -24,10 +24,9 @@ def main():
     bank = NegativeBank(2)
     for step in range(3):
         z2 = torch.full((2, 3), float(10 * step + rank), requires_grad=True)
-        got = {}
-        hncse_loss(torch.randn(2, 3), z2, "hnm", keys=torch.arange(2) + 100 * rank + step, gathered=got)
-        assert not got["z2"].requires_grad
-        bank.push(got["z2"], got["keys"])
+        out = HncseLoss(ObjectiveConfig(objective="hnm"))(torch.randn(2, 3), z2, keys=torch.arange(2) + 100 * rank + step)
+        assert not out.z2_global.requires_grad
+        bank.push(out.z2_global, out.keys_global)
     emb, keys = bank.contents()
     everyone = [None] * world
     dist.all_gather_object(everyone, {"any": any_flag, "all": all_flag, "gathered": gathered.tolist(),
