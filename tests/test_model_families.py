@@ -269,3 +269,12 @@ def test_two_process_llama_run_learns_and_exports_to_sentence_transformers(model
     cos = torch.nn.functional.cosine_similarity(ours, st)
     assert cos.min() > 0.9999, cos
     assert json.loads((out / "final" / "1_Pooling" / "config.json").read_text())["pooling_mode_lasttoken"]
+
+
+def test_stream_refuses_a_tokenizer_without_pad_token_at_construction(tmp_path, wiki_lines):
+    from hncse_dist.data.shards import write_shards
+    from hncse_dist.data.stream import ShardStream
+
+    write_shards([wiki_lines], str(tmp_path / "shards"), samples_per_shard=200, progress=False)
+    with pytest.raises(ValueError, match="tokenizer has no pad token .* Encoder.from_pretrained"):
+        ShardStream(str(tmp_path / "shards"), decoder_tokenizer("llama"), 8, 16, num_workers=1)
