@@ -179,10 +179,10 @@ def test_dropout_option_on_bert_sets_both_keys(tiny_bert):
 # ------------------------------------------------------------------ every family, every mode
 
 
-@pytest.mark.parametrize("kind", ["bert", "roberta", "xlm-roberta", "deberta-v2", "modernbert", "llama"])
+@pytest.mark.parametrize("kind", ["bert", "roberta", "xlm-roberta", "deberta-v2", "modernbert", *DECODERS])
 def test_every_family_trains_in_every_mode(models, tiny_bert, kind):
     path = tiny_bert if kind == "bert" else models(kind)
-    pooler = "last" if kind == "llama" else "cls"
+    pooler = "last" if kind in DECODERS else "cls"
     for packed in (True, False):
         for checkpointing in (False, True):
             for dtype in (None, torch.bfloat16):
