@@ -278,3 +278,15 @@ def test_stream_refuses_a_tokenizer_without_pad_token_at_construction(tmp_path, 
     write_shards([wiki_lines], str(tmp_path / "shards"), samples_per_shard=200, progress=False)
     with pytest.raises(ValueError, match="tokenizer has no pad token .* Encoder.from_pretrained"):
         ShardStream(str(tmp_path / "shards"), decoder_tokenizer("llama"), 8, 16, num_workers=1)
+
+
+def test_launcher_preflight_makes_the_training_checks_without_weights(models):
+    from hncse_dist.encoder import check_model_setup
+
+    check_model_setup(models("llama"), "last", dropout=0.1)  # a valid setup passes
+    with pytest.raises(ModelSetupError, match=r"qwen2 has no dropout \(attention_dropout=0.0\)"):
+        check_model_setup(models("qwen2"), "last")
+    with pytest.raises(ModelSetupError, match="pooler=cls pools the first token"):
+        check_model_setup(models("mistral"), "cls", dropout=0.1)
+    with pytest.raises(ModelSetupError, match="append_eos='maybe': use auto, true or false"):
+        check_model_setup(models("llama"), "last", dropout=0.1, append_eos="maybe")
