@@ -112,8 +112,8 @@ class Encoder(nn.Module):
         # Padding-free forward (hncse_dist.packed) where the architecture allows it.
         self.packed = packed and supports_packing(backbone)
         if packed and not self.packed:
-            self.notes.append(f"packed_forward: {model_name(backbone)} is not a BERT-family encoder, "
-                              "the model's own (padded) forward is used")
+            self.notes.append(f"packed_forward: the padding-free forward covers BERT-family encoders with "
+                              f"absolute positions, not {model_name(backbone)}: the model's own forward is used")
 
     @classmethod
     def from_pretrained(

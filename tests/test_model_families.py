@@ -211,9 +211,9 @@ def run_cli(args, timeout=600):
 
 def train_args(model, out, train_file, **kw):
     args = {"model_name_or_path": model, "train_file": train_file, "output_dir": str(out), "batch_size": 16,
-            "max_steps": 12, "log_every": 1, "stats_every": 1, "eval_every": 0, "bank_size": 2,
+            "max_steps": 8, "log_every": 1, "stats_every": 1, "eval_every": 0, "bank_size": 2,
             "num_workers": 1, "progress": "false", "hnm_k": 4, "hnm_m": 6, "pooler": "last",
-            "dropout": 0.1, "learning_rate": 1e-3, "save_every": 12}
+            "dropout": 0.1, "learning_rate": 1e-3, "save_every": 8}
     args.update(kw)
     return [f"{k}={v}" for k, v in args.items()]
 
@@ -249,11 +249,11 @@ def test_two_process_llama_run_learns_and_exports_to_sentence_transformers(model
     assert "'</s>' appended to every sentence (append_eos=auto)" in log
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     positives = [l["cos/positive"] for l in lines if "cos/positive" in l]
-    assert len(positives) == 12 and max(positives) < 0.9999
+    assert len(positives) == 8 and max(positives) < 0.9999
     losses = [l["loss"] for l in lines if "loss" in l]
     # it learns: pooling BOS gave every sentence the same embedding and a flat loss of ln(2N)
     assert losses[0] < math.log(2 * 16) and losses[-1] < losses[0] / 5, losses
-    ck = out / "checkpoints" / "step-00000012"
+    ck = out / "checkpoints" / "step-00000008"
     r0 = torch.load(ck / "hncse_rank0.pt", weights_only=False)
     r1 = torch.load(ck / "hncse_rank1.pt", weights_only=False)
     assert r0["param_digest"] is not None and r0["param_digest"] == r1["param_digest"]
