@@ -48,8 +48,16 @@ def _train(argv: list[str]) -> int:
         print(f"hncse-dist train: error: {err}", file=sys.stderr)
         return 2
     if args.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
+        from .encoder import ModelSetupError, check_model_setup
         from .launcher import launch
 
+        try:  # one error line from the launcher, not one per process
+            check_model_setup(cfg.model_name_or_path, cfg.pooler, cfg.dropout, cfg.append_eos, cfg.padding_side)
+        except ModelSetupError as err:
+            print(f"hncse-dist train: error: {err}", file=sys.stderr)
+            return 2
+        except (OSError, ValueError):
+            pass  # e.g. a hub name offline: every process reports it with its context
         return launch(args.nproc_per_node, argv)
     from .train import TrainingDiverged, train
 

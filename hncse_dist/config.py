@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from .encoder import POOLERS
+from .families import APPEND_EOS, PADDING_SIDES
 from .objective import ObjectiveConfig
 
 PRECISIONS = ("no", "fp32", "bf16", "fp16")
@@ -27,7 +28,15 @@ class TrainConfig(ObjectiveConfig):
 
     # model
     model_name_or_path: str = "all-MiniLM-L6-v2"  # the embedded default model; any HF encoder works
-    pooler: str = "cls"  # cls | cls_before_pooler | avg | avg_first_last
+    pooler: str = "cls"  # cls | cls_before_pooler | avg | avg_first_last | last (decoder-only models: last or avg)
+    # Backbone dropout, the only difference between the two views: null keeps the model's own;
+    # a float sets every attention / hidden dropout key its config has (ModernBERT and Qwen2 ship
+    # 0.0, and a model without dropout is refused for these unsupervised objectives).
+    dropout: float | None = None
+    # Append the tokenizer's EOS to every sentence (the last-token pooler then reads a token that
+    # has seen the whole sentence): auto = for causal models whose tokenizer does not | true | false
+    append_eos: str = "auto"
+    padding_side: str | None = None  # null: the tokenizer's own | left | right (the last pooler handles both)
     mlp_only_train: bool = True  # the cls pooler's MLP head is used in training only (SimCSE unsup.)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, same views
     # Padding-free forward for BERT-family backbones (hncse_dist/packed.py): same numbers as the
@@ -80,6 +89,13 @@ class TrainConfig(ObjectiveConfig):
     def validate(self) -> "TrainConfig":
         if self.pooler not in POOLERS:
             raise ConfigError(f"pooler={self.pooler!r} does not exist: use one of {', '.join(POOLERS)}")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout={self.dropout}: use a probability in [0, 1), or null for the model's own")
+        self.append_eos = str(self.append_eos).lower()
+        if self.append_eos not in APPEND_EOS:
+            raise ConfigError(f"append_eos={self.append_eos!r}: use auto, true or false")
+        if self.padding_side is not None and self.padding_side not in PADDING_SIDES:
+            raise ConfigError(f"padding_side={self.padding_side!r}: use left, right or null (the tokenizer's own)")
         if self.mixed_precision not in PRECISIONS:
             raise ConfigError(f"mixed_precision={self.mixed_precision!r}: use one of no, bf16, fp16")
         if self.train_file is None and self.train_shards is None:

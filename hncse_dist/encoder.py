@@ -6,6 +6,9 @@ Poolers (SimCSE's names):
   cls_before_pooler  [CLS] of the last layer, no head
   avg                attention-masked mean of the last layer
   avg_first_last     masked mean of (first transformer layer + last layer) / 2
+  last               the last real token of the last layer (left or right padding): the
+                     pooler of causal (decoder-only) models, whose first token has not read
+                     the sentence (hncse_dist.families)
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .families import (ModelSetupError, check_pooler, is_causal, model_name, prepare_tokenizer,  # noqa: F401
+                       require_dropout, set_dropout)
 from .packed import Packing, packed_forward, right_padded, supports_packing
 
-POOLERS = ("cls", "cls_before_pooler", "avg", "avg_first_last")
+POOLERS = ("cls", "cls_before_pooler", "avg", "avg_first_last", "last")
 PACKAGED_MODEL_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2", "packaged")
 HEAD_FILE = "hncse_head.pt"
 ENCODER_CONFIG_FILE = "hncse_encoder.json"
@@ -52,34 +57,74 @@ def check_model_path(path: str) -> None:
         )
 
 
+def check_model_setup(name_or_path: str, pooler: str, dropout: float | None = None, append_eos: str = "auto",
+                      padding_side: str | None = None) -> None:
+    """Start-up checks of a training run (pooler, tokenizer, dropout: ModelSetupError) without
+    loading the weights: the model is built on the meta device. Lets the launcher refuse a
+    bad setup once, before it starts the processes."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    check_model_path(path)
+    config = AutoConfig.from_pretrained(path)
+    if dropout is not None:
+        set_dropout(config, dropout)
+    with torch.device("meta"):
+        backbone = AutoModel.from_config(config)
+    Encoder(backbone, AutoTokenizer.from_pretrained(path), pooler=pooler, append_eos=append_eos,
+            padding_side=padding_side)
+    require_dropout(backbone, dropout)
+
+
 def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def last_token(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each row's last attended position: right padding (length - 1) and left padding (L - 1) alike."""
+    last = mask.shape[1] - 1 - mask.flip(1).argmax(1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
 class Encoder(nn.Module):
     """Backbone + pooler + MLP head; ``forward`` returns one embedding per sequence."""
 
     def __init__(self, backbone: nn.Module, tokenizer, pooler: str = "cls", mlp_only_train: bool = True,
-                 packed: bool = True):
+                 packed: bool = True, append_eos: str = "auto", padding_side: str | None = None):
+        """Checks the pooler against the architecture and prepares the tokenizer in place
+        (pad token, EOS, padding side: ``families.prepare_tokenizer``); ``notes`` says what
+        was changed. Raises ModelSetupError for combinations that cannot work."""
         super().__init__()
         if pooler not in POOLERS:
             raise ValueError(f"unknown pooler {pooler!r}: choose one of {', '.join(POOLERS)}")
+        check_pooler(backbone, pooler)
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.pooler = pooler
         self.mlp_only_train = mlp_only_train
+        self.causal = is_causal(backbone)
+        if self.causal and getattr(backbone.config, "use_cache", False):
+            backbone.config.use_cache = False  # no key/value cache: one forward per batch, no generation
+        self.notes: list[str] = prepare_tokenizer(tokenizer, backbone, append_eos, padding_side)
         hidden = backbone.config.hidden_size
         self.head = nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh()) if pooler == "cls" else None
         # Padding-free forward (hncse_dist.packed) where the architecture allows it.
         self.packed = packed and supports_packing(backbone)
+        if packed and not self.packed:
+            self.notes.append(f"packed_forward: the padding-free forward covers BERT-family encoders with "
+                              f"absolute positions, not {model_name(backbone)}: the model's own forward is used")
 
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str, pooler: str = "cls", mlp_only_train: bool = True, packed: bool = True,
+        cls, name_or_path: str, pooler: str | None = "cls", mlp_only_train: bool = True, packed: bool = True,
+        dropout: float | None = None, append_eos: str = "auto", padding_side: str | None = None,
         **model_kwargs,
     ) -> "Encoder":
-        from transformers import AutoModel, AutoTokenizer
+        """``pooler=None``: the saved folder's pooler, else ``last`` for causal models and ``cls``
+        for the others. ``dropout``: None keeps the model's own, a float sets every backbone
+        dropout key of its config (``families.set_dropout``)."""
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         path = resolve_model_path(name_or_path)
         check_model_path(path)
@@ -87,19 +132,28 @@ class Encoder(nn.Module):
         if saved.is_file() and pooler is None:
             meta = json.loads(saved.read_text())
             pooler, mlp_only_train = meta["pooler"], meta["mlp_only_train"]
+        config = AutoConfig.from_pretrained(path)
+        dropout_keys = set_dropout(config, dropout) if dropout is not None else []
         from transformers.utils import logging as hf_logging
 
-        verbosity = hf_logging.get_verbosity()
+        verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
         hf_logging.set_verbosity_error()  # the dropped BERT pooler is expected, not news
+        hf_logging.disable_progress_bar()  # a "Loading weights" bar per process is noise in run logs
         try:
             # BERT's pooler is never used here and would leave DDP with unused parameters.
-            backbone = AutoModel.from_pretrained(path, add_pooling_layer=False, **model_kwargs)
+            backbone = AutoModel.from_pretrained(path, config=config, add_pooling_layer=False, **model_kwargs)
         except TypeError:
-            backbone = AutoModel.from_pretrained(path, **model_kwargs)
+            backbone = AutoModel.from_pretrained(path, config=config, **model_kwargs)
         finally:
             hf_logging.set_verbosity(verbosity)
+            if bars:
+                hf_logging.enable_progress_bar()
         tokenizer = AutoTokenizer.from_pretrained(path)
-        enc = cls(backbone, tokenizer, pooler=pooler or "cls", mlp_only_train=mlp_only_train, packed=packed)
+        pooler = pooler or ("last" if is_causal(backbone) else "cls")
+        enc = cls(backbone, tokenizer, pooler=pooler, mlp_only_train=mlp_only_train, packed=packed,
+                  append_eos=append_eos, padding_side=padding_side)
+        if dropout_keys:
+            enc.notes.insert(0, f"dropout={dropout}: set {', '.join(dropout_keys)} of {model_name(backbone)}")
         head_file = Path(path) / HEAD_FILE
         if enc.head is not None and head_file.is_file():
             enc.head.load_state_dict(torch.load(head_file, map_location="cpu", weights_only=True))
@@ -135,14 +189,18 @@ class Encoder(nn.Module):
             last, first, pk = packed_forward(self.backbone, input_ids, attention_mask, keep_first=need_all,
                                              packing=packing)
             first_token, mean = (lambda h: h.index_select(0, pk.starts)), pk.mean
+            final_token = lambda h: h.index_select(0, pk.starts + pk.lengths - 1)  # noqa: E731
         else:
             out = self.backbone(
                 input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=need_all
             )
             last, first = out.last_hidden_state, out.hidden_states[1] if need_all else None
             first_token, mean = (lambda h: h[:, 0]), (lambda h: masked_mean(h, attention_mask))
+            final_token = lambda h: last_token(h, attention_mask)  # noqa: E731
         if self.pooler in ("cls", "cls_before_pooler"):
             pooled = first_token(last)
+        elif self.pooler == "last":
+            pooled = final_token(last)
         else:
             pooled = mean(last if self.pooler == "avg" else (first + last) / 2)
         if self.uses_head():
@@ -225,6 +283,8 @@ def write_sentence_transformers_files(out: Path, pooler: str, hidden: int, head_
         modes["pooling_mode_cls_token"] = True
     elif pooler == "avg":
         modes["pooling_mode_mean_tokens"] = True
+    elif pooler == "last":
+        modes["pooling_mode_lasttoken"] = True
     else:
         # sentence-transformers has no first+last average; the HF folder still loads.
         return

@@ -49,7 +49,9 @@ def export_any(source: str, output: str, pooler: str | None = None) -> Path:
         enc.save_pretrained(output)
         return Path(output)
     run = _run_config(src)
-    enc = Encoder.from_pretrained(run["model_name_or_path"], pooler or run["pooler"], run["mlp_only_train"])
+    enc = Encoder.from_pretrained(run["model_name_or_path"], pooler or run["pooler"], run["mlp_only_train"],
+                                  dropout=run.get("dropout"), append_eos=run.get("append_eos", "auto"),
+                                  padding_side=run.get("padding_side"))
     state = _checkpoint_state_dict(src)
     missing, unexpected = enc.load_state_dict(state, strict=False)
     if unexpected or [k for k in missing if not k.startswith("head.")]:

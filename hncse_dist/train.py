@@ -19,7 +19,7 @@ import torch
 from .bank import NegativeBank, sentence_keys
 from .checkpoint import Checkpointer
 from .config import ConfigError, TrainConfig
-from .encoder import Encoder
+from .encoder import Encoder, ModelSetupError, require_dropout
 from .gather import all_ranks_agree
 from .metrics import (STSB_DEV_KEY, FlopsModel, MetricsLog, hparams_of, memory_gb, parse_report_to, peak_flops,
                       progress_line, steady_rate)
@@ -173,8 +173,15 @@ def train(cfg: TrainConfig) -> int:
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)  # identical head initialisation on every rank
-    encoder = Encoder.from_pretrained(cfg.model_name_or_path, cfg.pooler, cfg.mlp_only_train,
-                                      packed=cfg.packed_forward)
+    try:
+        encoder = Encoder.from_pretrained(cfg.model_name_or_path, cfg.pooler, cfg.mlp_only_train,
+                                          packed=cfg.packed_forward, dropout=cfg.dropout,
+                                          append_eos=cfg.append_eos, padding_side=cfg.padding_side)
+        dropout_warning = require_dropout(encoder, cfg.dropout)
+    except ModelSetupError as err:
+        raise ConfigError(str(err)) from err
+    for note in encoder.notes + ([dropout_warning] if dropout_warning else []):
+        acc.print(note)
     if cfg.gradient_checkpointing:
         encoder.enable_checkpointing()
     set_seed(cfg.seed + rank)  # dropout masks differ per rank

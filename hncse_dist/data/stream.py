@@ -250,6 +250,12 @@ class ShardStream:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if getattr(tokenizer, "pad_token", "") is None:
+            # Batches are padded in the workers: say it here, not in a worker's traceback.
+            raise ValueError(
+                "tokenizer has no pad token to pad batches with: set one (tokenizer.pad_token = "
+                "tokenizer.eos_token), or take the tokenizer of Encoder.from_pretrained, which does"
+            )
         self.shard_dir = shard_dir
         self.tokenizer = tokenizer
         self.batch_size = batch_size
