@@ -18,7 +18,8 @@ Train a sentence encoder with SimCSE / HNCSE.
 Any config key can be overridden as key=value (YAML syntax: 1e-5, true, null).
 Objectives: simcse | pm (positive mixing) | hnm (hard negative mixing) | hncse (both).
 Every key with its default and meaning, as a YAML config: hncse-dist train --help-config > my.yaml
-Exit codes: 0 done, 2 bad configuration, 75 checkpointed after SIGTERM/SIGUSR1 (requeue).
+Exit codes: 0 done, 1 evaluation failed (checkpointed first), 2 bad configuration,
+75 checkpointed after SIGTERM/SIGUSR1 (requeue).
 """
 
 
@@ -32,26 +33,34 @@ def _train(argv: list[str]) -> int:
     parser.add_argument("--help-config", action="store_true",
                         help="print every config key with its default and meaning, as a YAML config to start from")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
-    from .config import ConfigError, config_template, load_config
+    # Overrides may stand before, between and after the options.
+    args = parser.parse_intermixed_args(argv)
+    from .config import ConfigError, config_template, load_config, startup_checks
 
     if args.help_config:
         print(config_template(), end="")
         return 0
     try:
         cfg = load_config(args.config, args.overrides).validate()
+        relaunch = args.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ
+        if relaunch:  # once here, not once per started process
+            startup_checks(cfg, world_size=args.nproc_per_node)
     except ConfigError as err:
         print(f"hncse-dist train: error: {err}", file=sys.stderr)
         return 2
-    if args.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
+    if relaunch:
         return _relaunch_with_torchrun(args.nproc_per_node, argv)
-    from .train import train
+    from .train import EvalFailed, train
 
     try:
         code = train(cfg)
     except ConfigError as err:
         print(f"hncse-dist train: error: {err}", file=sys.stderr)
         return 2
+    except EvalFailed as err:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"hncse-dist train: error: {err}", file=sys.stderr)
+        return 1
     if cfg.deepspeed:
         # Everything is written and every rank has passed the final barrier. DeepSpeed's CPU
         # communication threads can abort the interpreter's teardown ("terminate called

@@ -18,13 +18,17 @@ import torch
 
 from .bank import NegativeBank, sentence_keys
 from .checkpoint import Checkpointer
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, startup_checks
 from .encoder import Encoder
 from .gather import all_ranks_agree
 from .objective import alignment, hncse_loss, uniformity
 
 REQUEUE_EXIT_CODE = 75  # "checkpointed after a preemption signal: requeue me" (EX_TEMPFAIL)
 PACKAGED_STSB_DEV = Path(__file__).parent / "resources" / "sts-dev.csv"
+
+
+class EvalFailed(RuntimeError):
+    """STS-B dev evaluation failed mid-run; the training state was checkpointed first."""
 
 
 class PreemptionFlag:
@@ -164,6 +168,7 @@ def train(cfg: TrainConfig) -> int:
     from transformers import get_linear_schedule_with_warmup
 
     cfg.validate()
+    startup_checks(cfg)  # the model's config and the machine, before any weights load
     preempt = PreemptionFlag()
     acc = make_accelerator(cfg)
     rank, world_size = acc.process_index, acc.num_processes
@@ -202,9 +207,9 @@ def train(cfg: TrainConfig) -> int:
         elif cfg.resume != "latest":
             raise ConfigError(f"resume={cfg.resume}: no complete checkpoint there")
 
-    def save(tag_step: int) -> None:
-        ckpt.save(tag_step, {"trainer": state, "bank": bank.state_dict(), "data": stream.state_dict(),
-                             "generator": hnm_gen.get_state(), "param_digest": parameter_digest(model)})
+    def save(tag_step: int) -> Path:
+        return ckpt.save(tag_step, {"trainer": state, "bank": bank.state_dict(), "data": stream.state_dict(),
+                                    "generator": hnm_gen.get_state(), "param_digest": parameter_digest(model)})
 
     log = MetricsLog(out_dir, acc.is_main_process)
     if acc.is_main_process:
@@ -277,7 +282,7 @@ def train(cfg: TrainConfig) -> int:
                 window_start, window_steps, window_stats = time.perf_counter(), 0, {}
 
             if (cfg.eval_every > 0 and step % cfg.eval_every == 0) or step == steps:
-                maybe_eval(cfg, acc, model, state, log, out_dir, step)
+                maybe_eval(cfg, acc, model, state, log, out_dir, step, save=save)
             stop = all_ranks_agree(preempt.raised is not None, acc.device)
             if stop or (cfg.save_every > 0 and step % cfg.save_every == 0) or step == steps:
                 save(step)
@@ -303,25 +308,36 @@ def train(cfg: TrainConfig) -> int:
     return exit_code
 
 
-def maybe_eval(cfg, acc, model, state, log, out_dir: Path, step: int) -> None:
-    """STS-B dev on the main process; exports the best model (SimCSE's selection)."""
+def maybe_eval(cfg, acc, model, state, log, out_dir: Path, step: int, save=None) -> None:
+    """STS-B dev on the main process; exports the best model (SimCSE's selection).
+
+    An evaluation that fails never loses the run: every rank learns of it, ``save(step)``
+    writes a checkpoint, then EvalFailed is raised on every rank."""
     if cfg.eval_file is None:
         return
-    if cfg.deepspeed and acc.state.deepspeed_plugin.zero_stage == 3:
-        # Parameters are sharded: every rank runs the same forwards so ZeRO-3's parameter
-        # all-gathers match up; rank 0's score is the one used.
-        score = _eval_dev(cfg, acc.unwrap_model(model))
+    score, error = None, None
+    try:
+        if cfg.deepspeed and acc.state.deepspeed_plugin.zero_stage == 3:
+            # Parameters are sharded: every rank runs the same forwards so ZeRO-3's parameter
+            # all-gathers match up; rank 0's score is the one used.
+            score = _eval_dev(cfg, acc.unwrap_model(model))
+        elif acc.is_main_process:
+            score = _eval_dev(cfg, acc.unwrap_model(model))
+    except Exception as err:  # noqa: BLE001 - whatever broke, the training state is saved first
+        lines = str(err).strip().splitlines()
+        error = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+    finally:
         model.train()
-    elif acc.is_main_process:
-        score = _eval_dev(cfg, acc.unwrap_model(model))
-        model.train()
-    else:
-        score = None
     from accelerate.utils import broadcast_object_list
 
-    box = [score]
+    box = [score, error]
     broadcast_object_list(box)
-    score = box[0]
+    score, first_error = box
+    if all_ranks_agree(error is not None, acc.device):  # under ZeRO-3 any rank may fail
+        where = save(step) if save is not None else None
+        kept = f"the training state is saved in {where}" if where is not None else "no checkpoint was written"
+        raise EvalFailed(f"evaluation at step {step} failed ({first_error or error or 'on another rank'}); {kept}: "
+                         "fix the cause (or set eval_file=null) and continue with resume=latest")
     if score is None:
         return
     log.log(step, {"eval/stsb_dev_spearman": score})
