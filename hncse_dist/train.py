@@ -18,7 +18,7 @@ import torch
 
 from .bank import NegativeBank, sentence_keys
 from .checkpoint import Checkpointer
-from .config import ConfigError, TrainConfig, startup_checks
+from .config import ConfigError, TrainConfig, check_eval_file, startup_checks
 from .encoder import Encoder
 from .gather import all_ranks_agree
 from .objective import alignment, hncse_loss, uniformity
@@ -159,7 +159,11 @@ def _eval_dev(cfg: TrainConfig, encoder: Encoder) -> float | None:
     path = PACKAGED_STSB_DEV if cfg.eval_file == "packaged" else cfg.eval_file
     if path is None:
         return None
-    return dev_spearman(encoder, str(path), batch_size=cfg.eval_batch_size)
+    try:
+        return dev_spearman(encoder, str(path), batch_size=cfg.eval_batch_size)
+    except (OSError, ValueError, IndexError):
+        check_eval_file(cfg.eval_file)  # a file that went bad since start-up: say what is wrong with it
+        raise
 
 
 def train(cfg: TrainConfig) -> int:

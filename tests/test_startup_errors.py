@@ -146,3 +146,40 @@ def test_an_evaluation_failure_mid_run_checkpoints_first_then_exits_1(tmp_path, 
     steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
     assert steps == [1, 2, 3, 4, 5, 6]
     assert (out / "final" / "config.json").is_file()
+
+
+SPOIL_AFTER_START = textwrap.dedent("""
+    import sys
+    import hncse_dist.train as train
+
+    checks = train.startup_checks
+
+    def then_spoil(cfg, *args, **kwargs):
+        checks(cfg, *args, **kwargs)  # the file was fine at start-up ...
+        with open(cfg.eval_file, "w") as f:  # ... and is garbage by the first evaluation
+            f.write("score,sentence1,sentence2\\n0.5,a cat,a dog\\n")
+
+    train.startup_checks = then_spoil
+    from hncse_dist.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_an_eval_file_spoiled_after_start_up_checkpoints_and_names_the_file(tmp_path, tiny_bert, corpus):
+    from hncse_dist.train import PACKAGED_STSB_DEV
+
+    dev = tmp_path / "dev.csv"
+    dev.write_text(PACKAGED_STSB_DEV.read_text())
+    out = tmp_path / "r"
+    args = ["train", *common(tiny_bert, corpus, out, max_steps=4, eval_every=2, save_every=0), f"eval_file={dev}"]
+    proc = subprocess.run([sys.executable, "-c", SPOIL_AFTER_START, *args], cwd=REPO, env=child_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    last = [l for l in proc.stderr.splitlines() if l.strip()][-1]
+    ck = out / "checkpoints" / "step-00000002"
+    assert last.startswith(f"hncse-dist train: error: evaluation at step 2 failed (ConfigError: eval_file={dev} "
+                           "is not an STS-B dev file (line 1: 1 TAB-separated column, need 7)")
+    assert last.endswith(f"the training state is saved in {ck}: fix the cause (or set eval_file=null) and "
+                         "continue with resume=latest")
+    assert (ck / "COMPLETE").is_file()
