@@ -73,6 +73,14 @@ def test_hnm_k_beyond_the_pool_is_refused(tmp_path, tiny_bert, corpus):
     assert_one_line_exit_2(proc, "hnm_k=10 exceeds the 7 candidates HNM can ever choose from (global batch 8 - 1)")
 
 
+def test_start_up_checks_run_once_in_the_launcher_with_the_world_to_come(tmp_path, tiny_bert, corpus):
+    out = tmp_path / "r"
+    proc = run_cli(["train", "--nproc-per-node", "2", *common(tiny_bert, corpus, out, bank_size=0, hnm_k=20)],
+                   check=False, timeout=120)
+    assert_one_line_exit_2(proc, "hnm_k=20 exceeds the 15 candidates HNM can ever choose from (global batch 16 - 1)")
+    assert not out.exists()  # no process was started
+
+
 def test_zero_stats_every_is_refused(tmp_path, tiny_bert, corpus):
     proc = run_cli(["train", *common(tiny_bert, corpus, tmp_path / "r", stats_every=0)], check=False, timeout=120)
     assert_one_line_exit_2(proc, "stats_every=0 is out of range: use an integer >= 1")
