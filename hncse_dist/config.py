@@ -257,7 +257,7 @@ def config_template() -> str:
 class Range:
     """Allowed values of one numeric key: from ``lo`` to ``hi`` (open ends where asked)."""
 
-    lo: float | None = None
+    lo: float = 0
     hi: float | None = None
     lo_open: bool = False
     integer: bool = True
@@ -269,7 +269,7 @@ class Range:
             return bool(self.null)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             return False
-        if self.lo is not None and not (value > self.lo if self.lo_open else value >= self.lo):
+        if not (value > self.lo if self.lo_open else value >= self.lo):
             return False
         return self.hi is None or value <= self.hi
 
