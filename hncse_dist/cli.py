@@ -21,7 +21,8 @@ Every key with its default and meaning, as a YAML config: hncse-dist train --hel
 Signals: SIGTERM / SIGUSR1 (Slurm's warnings) and Ctrl-C checkpoint at the end of the current
 step, then exit; a second Ctrl-C exits at once. With --nproc-per-node they are forwarded to
 every rank, and the ranks die with the launcher.
-Exit codes: 0 done, 1 failed (e.g. the loss stayed non-finite), 2 bad configuration,
+Exit codes: 0 done, 1 failed (the loss stayed non-finite, or an evaluation failed: checkpointed
+first), 2 bad configuration,
 75 checkpointed after SIGTERM/SIGUSR1 (requeue), 130 checkpointed after Ctrl-C.
 """
 
@@ -36,18 +37,22 @@ def _train(argv: list[str]) -> int:
     parser.add_argument("--help-config", action="store_true",
                         help="print every config key with its default and meaning, as a YAML config to start from")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
-    from .config import ConfigError, config_template, load_config
+    # Overrides may stand before, between and after the options.
+    args = parser.parse_intermixed_args(argv)
+    from .config import ConfigError, config_template, load_config, startup_checks
 
     if args.help_config:
         print(config_template(), end="")
         return 0
     try:
         cfg = load_config(args.config, args.overrides).validate()
+        relaunch = args.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ
+        if relaunch:  # once here, not once per started process
+            startup_checks(cfg, world_size=args.nproc_per_node)
     except ConfigError as err:
         print(f"hncse-dist train: error: {err}", file=sys.stderr)
         return 2
-    if args.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
+    if relaunch:
         from .encoder import ModelSetupError, check_model_setup
         from .launcher import launch
 
@@ -59,19 +64,24 @@ def _train(argv: list[str]) -> int:
         except (OSError, ValueError):
             pass  # e.g. a hub name offline: every process reports it with its context
         return launch(args.nproc_per_node, argv)
-    from .train import TrainingDiverged, train
+    from .train import EvalFailed, TrainingDiverged, train
 
     try:
         code = train(cfg)
     except ConfigError as err:
         print(f"hncse-dist train: error: {err}", file=sys.stderr)
         return 2
-    except TrainingDiverged as err:
-        print(f"hncse-dist train: error: {err}", file=sys.stderr)
+    except TrainingDiverged as err:  # a joint decision: every rank stops here; rank 0 reports
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"hncse-dist train: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # a second Ctrl-C while the first one's checkpoint was pending
         print("hncse-dist train: interrupted", file=sys.stderr)
         return 130
+    except EvalFailed as err:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"hncse-dist train: error: {err}", file=sys.stderr)
+        return 1
     if cfg.deepspeed:
         # Everything is written and every rank has passed the final barrier. DeepSpeed's CPU
         # communication threads can abort the interpreter's teardown ("terminate called

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 from dataclasses import dataclass, field, fields
@@ -53,14 +54,17 @@ class TrainConfig(ObjectiveConfig):
     learning_rate: float = 3e-5
     weight_decay: float = 0.0
     warmup_steps: int = 0
-    max_steps: int = 0  # 0: run num_epochs epochs
+    max_steps: int = 0  # optimizer steps; 0: run num_epochs epochs instead (negatives such as -1 are refused)
     num_epochs: int = 1
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
     mixed_precision: str = "no"  # no | bf16 | fp16
     seed: int = 42
     # negative bank
-    bank_size: int = 16  # previous global minibatches kept for HNM; 0 disables the bank
+    # Previous global minibatches kept for HNM; 0 disables the bank. Refused at start-up when the
+    # bank (bank_size x global batch x (4 x hidden + 8) bytes) exceeds 25% of a process's GPU
+    # memory (CPU: its share of the RAM).
+    bank_size: int = 16
     bank_warmup_steps: int = 0  # steps before HNM draws from the bank
     # loop, logging, evaluation, checkpoints
     output_dir: str = "runs/hncse"
@@ -109,9 +113,7 @@ class TrainConfig(ObjectiveConfig):
                 f"train_shards={self.train_shards} has no manifest.json: write shards with "
                 "'hncse-dist shards --input FILE --output DIR'"
             )
-        for name in ("batch_size", "max_seq_length", "gradient_accumulation_steps", "num_epochs", "log_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_ranges(self)
         try:
             from .metrics import parse_report_to
 
@@ -126,6 +128,8 @@ class TrainConfig(ObjectiveConfig):
             ObjectiveConfig.validate(self)
         except ValueError as err:
             raise ConfigError(str(err)) from err
+        check_model_folder(self)
+        check_eval_file(self.eval_file)
         return self
 
 
@@ -185,9 +189,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     values: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {path} not found: pass --config configs/quickstart.yaml or a path of yours")
-        loaded = yaml.safe_load(p.read_text()) or {}
+        loaded = _read_yaml(p) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path} must be a YAML mapping of key: value")
         for key, value in loaded.items():
@@ -202,6 +204,30 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         _check_key(key)
         setattr(cfg, key, _typed(key, _parse_override(raw)))
     return cfg
+
+
+def _read_yaml(p: Path) -> Any:
+    """The parsed YAML file, or a ConfigError naming the file (and line and column)."""
+    if not p.exists():
+        raise ConfigError(f"config file {p} not found: pass --config configs/quickstart.yaml or a path of yours")
+    if not p.is_file():
+        raise ConfigError(f"config file {p} is not a file: pass a YAML file such as configs/quickstart.yaml")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"config file {p} cannot be read: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {p} cannot be read: not UTF-8 text (byte {err.start})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        if mark is None:
+            raise ConfigError(f"config file {p}: invalid YAML: {' '.join(str(err).split())}") from None
+        where = f"line {mark.line + 1}, column {mark.column + 1}"
+        context, cmark = getattr(err, "context", None), getattr(err, "context_mark", None)
+        extra = f" ({context} from line {cmark.line + 1}, column {cmark.column + 1})" if context and cmark else ""
+        raise ConfigError(f"config file {p}: invalid YAML at {where}: {err.problem}{extra}") from None
 
 
 PATH_KEYS = ("train_file", "train_shards", "eval_file", "deepspeed", "model_name_or_path")
@@ -243,3 +269,254 @@ def config_template() -> str:
             lines += pending + [f"{key}: {json.dumps(getattr(defaults, key))}{note}"]
             pending = []
     return "\n".join(lines).lstrip() + "\n"
+
+
+# ---------------------------------------------------------------- value ranges and start-up checks
+# Every numeric key has its allowed range here (tests/test_config.py fails for a numeric key
+# without one). ``check_ranges`` runs in TrainConfig.validate; ``startup_checks`` compares the
+# config with the model's config and the machine before any weights are loaded.
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of one numeric key: from ``lo`` to ``hi`` (open ends where asked)."""
+
+    lo: float = 0
+    hi: float | None = None
+    lo_open: bool = False
+    integer: bool = True
+    note: str = ""  # what special values mean
+    null: str = ""  # what null means, when null is allowed
+
+    def allows(self, value: Any) -> bool:
+        if value is None:
+            return bool(self.null)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        if not (value > self.lo if self.lo_open else value >= self.lo):
+            return False
+        return self.hi is None or value <= self.hi
+
+    def describe(self) -> str:
+        kind = "an integer" if self.integer else "a number"
+        if self.hi is not None:
+            text = f"{kind} in {'(' if self.lo_open else '['}{_plain(self.lo)}, {_plain(self.hi)}]"
+        else:
+            text = f"{kind} {'>' if self.lo_open else '>='} {_plain(self.lo)}"
+        if self.null:
+            text += f", or null for {self.null}"
+        return f"{text} ({self.note})" if self.note else text
+
+
+def _plain(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(x)
+
+
+RANGES: dict[str, Range] = {
+    # objective (hncse_dist/objective.py)
+    "temperature": Range(0, lo_open=True, integer=False),
+    "pm_threshold": Range(0, 1, lo_open=True, integer=False),
+    "pm_w1": Range(0, 1, integer=False, note="pm_w1 + pm_w2 must be 1"),
+    "pm_w2": Range(0, 1, integer=False, note="pm_w1 + pm_w2 must be 1"),
+    "hnm_k": Range(1, note="at most the HNM pool: global batch - 1 + bank rows"),
+    "hnm_m": Range(0, note="0: no synthetic negatives"),
+    "hnm_alpha": Range(0, 1, integer=False, null="alpha ~ U(0, 1)"),
+    "hnm_query_mix": Range(0, note="0: no query mixing"),
+    "hnm_beta_max": Range(0, 1, integer=False),
+    # training
+    "max_seq_length": Range(1, note="at most the model's position limit"),
+    "batch_size": Range(1, note="per process"),
+    "num_workers": Range(0, note="0: load data in the training process"),
+    "shuffle_buffer": Range(0),
+    "learning_rate": Range(0, 1, lo_open=True, integer=False),
+    "weight_decay": Range(0, 1, integer=False),
+    "warmup_steps": Range(0),
+    "max_steps": Range(0, note="N > 0: train N optimizer steps; 0: train num_epochs epochs; "
+                               "negative values such as -1 are not accepted"),
+    "num_epochs": Range(1, note="used when max_steps=0"),
+    "gradient_accumulation_steps": Range(1),
+    "max_grad_norm": Range(0, integer=False, note="0: no clipping"),
+    "seed": Range(0, 2**31 - 1),  # seed + rank must stay a valid numpy seed
+    "bank_size": Range(0, note="0: no bank; its memory must fit, see bank_size's comment"),
+    "bank_warmup_steps": Range(0),
+    "log_every": Range(1),
+    "stats_every": Range(1),
+    "eval_every": Range(0, note="0: evaluate only at the end"),
+    "eval_batch_size": Range(1),
+    "save_every": Range(0, note="0: checkpoint only at the end and on preemption"),
+    "keep_last": Range(0, note="0: keep every checkpoint"),
+    "max_nonfinite_skips": Range(0, note="0: never stop on non-finite losses"),
+    "peak_flops": Range(0, integer=False, note="0: datasheet figure for known GPUs, measured on CPU"),
+    "dropout": Range(0, 1, integer=False, null="the model's own dropout"),
+}
+
+
+def check_ranges(cfg: TrainConfig) -> None:
+    """Every numeric key inside its range (``RANGES``), and the PM weights summing to 1."""
+    for key, rule in RANGES.items():
+        value = getattr(cfg, key)
+        if not rule.allows(value):
+            raise ConfigError(f"{key}={value} is out of range: use {rule.describe()}")
+    total = cfg.pm_w1 + cfg.pm_w2
+    if abs(total - 1.0) > 1e-6:
+        raise ConfigError(f"pm_w1 + pm_w2 must be 1 (the mixed positive is w1 * positive + w2 * hardest "
+                          f"negative), got {cfg.pm_w1} + {cfg.pm_w2} = {total:g}")
+
+
+def check_model_folder(cfg: TrainConfig) -> None:
+    """A local model path must be a model folder (hub names are checked at start-up)."""
+    from .encoder import check_model_path, resolve_model_path
+
+    try:
+        check_model_path(resolve_model_path(cfg.model_name_or_path))
+    except (FileNotFoundError, RuntimeError) as err:
+        raise ConfigError(f"model_name_or_path={err}") from None
+
+
+PACKAGED_EVAL_FILE = Path(__file__).parent / "resources" / "sts-dev.csv"
+_EVAL_HINT = "pass an STS-B dev csv, 'packaged' (the shipped copy) or null (no evaluation)"
+
+
+def check_eval_file(value: str | None) -> None:
+    """The dev file exists and parses with the STS-B dev reader into at least two scored pairs."""
+    if value is None:
+        return
+    from .eval.sts import load_pair_file
+
+    path = PACKAGED_EVAL_FILE if value == "packaged" else Path(value)
+    if not path.exists():
+        raise ConfigError(f"eval_file={value} does not exist: {_EVAL_HINT}")
+    if not path.is_file():
+        raise ConfigError(f"eval_file={value} is not a file: {_EVAL_HINT}")
+    try:
+        pairs = load_pair_file(path)
+    except OSError as err:
+        raise ConfigError(f"eval_file={value} cannot be read: {err.strerror or err}") from None
+    except (ValueError, IndexError) as err:
+        raise ConfigError(
+            f"eval_file={value} is not an STS-B dev file ({_first_bad_line(path, err)}): pass a TAB-separated "
+            "file like STS-B's sts-dev.csv (score in column 5, sentences in columns 6 and 7), 'packaged' or null"
+        ) from None
+    if len(pairs) < 2:
+        raise ConfigError(f"eval_file={value} holds {len(pairs)} scored pairs, too few for a Spearman "
+                          "correlation: pass an STS-B dev csv, 'packaged' or null")
+
+
+def _first_bad_line(path: Path, err: Exception) -> str:
+    """Where the dev reader's layout (hncse_dist/eval/sts.py: load_pair_file) breaks."""
+    from .eval.data import read_lines
+    from .eval.sts import SICK_HEADER_PREFIX
+
+    try:
+        lines = read_lines(path)
+    except UnicodeDecodeError:
+        return "not UTF-8 text"
+    first, (score, a, b) = (1, (4, 5, 6)) if not (lines and lines[0].startswith(SICK_HEADER_PREFIX)) \
+        else (2, (3, 1, 2))
+    for number, line in enumerate(lines[first - 1:], start=first):
+        if not line.strip():
+            continue
+        cols = line.split("\t")
+        need = max(score, a, b) + 1
+        if len(cols) < need:
+            plural = "" if len(cols) == 1 else "s"
+            return f"line {number}: {len(cols)} TAB-separated column{plural}, need {need}"
+        try:
+            float(cols[score])
+        except ValueError:
+            return f"line {number}: score {cols[score]!r} is not a number"
+    return str(err)
+
+
+BANK_MEMORY_FRACTION = 0.25  # the negative bank may take at most this share of a process's memory
+# Position embeddings indexed from padding_idx + 1: pad_token_id + 1 positions are never used.
+_OFFSET_POSITION_MODELS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "mpnet", "longformer",
+                           "data2vec-text")
+
+
+def bank_bytes(bank_size: int, global_batch: int, hidden: int) -> int:
+    """Bytes of a bank of ``bank_size`` global batches: float32 embeddings + one int64 key per row."""
+    return bank_size * global_batch * (4 * hidden + 8)
+
+
+def position_limit(model_config) -> tuple[int | None, str]:
+    """(longest sequence the model's position embeddings allow, where the number comes from)."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    kind = getattr(model_config, "model_type", "model")
+    if not isinstance(limit, int) or limit <= 0:
+        return None, ""
+    if kind in _OFFSET_POSITION_MODELS:
+        offset = (getattr(model_config, "pad_token_id", None) or 0) + 1
+        return limit - offset, f"max_position_embeddings {limit} of {kind}, less {offset} for its padding offset"
+    return limit, f"max_position_embeddings of {kind}"
+
+
+def check_against_model(cfg: TrainConfig, model_config, world_size: int, memory_bytes: int,
+                        memory_name: str = "memory") -> None:
+    """max_seq_length vs. the model's positions, the bank vs. ``memory_bytes`` (one process's
+    memory), hnm_k vs. the largest HNM pool of a world of ``world_size`` processes."""
+    limit, source = position_limit(model_config)
+    if limit is not None and cfg.max_seq_length > limit:
+        raise ConfigError(f"max_seq_length={cfg.max_seq_length} exceeds the model's {limit} positions "
+                          f"({source}): use max_seq_length <= {limit}")
+    global_batch = cfg.batch_size * world_size
+    banked = cfg.objective in ("hnm", "hncse") and cfg.bank_size > 0
+    hidden = next((getattr(model_config, k) for k in ("hidden_size", "dim", "d_model")
+                   if isinstance(getattr(model_config, k, None), int)), None)
+    if banked and hidden is not None:
+        need = bank_bytes(cfg.bank_size, global_batch, hidden)
+        allowed = BANK_MEMORY_FRACTION * memory_bytes
+        if need > allowed:
+            fits = int(allowed // bank_bytes(1, global_batch, hidden))
+            raise ConfigError(
+                f"bank_size={cfg.bank_size} needs {need / 2**30:.1f} GiB for the negative bank "
+                f"({cfg.bank_size} batches x {global_batch} rows x {hidden} dims), more than "
+                f"{BANK_MEMORY_FRACTION:.0%} of the {memory_bytes / 2**30:.1f} GiB {memory_name}: "
+                f"use bank_size <= {fits}"
+            )
+    if cfg.objective in ("hnm", "hncse") and (cfg.hnm_m > 0 or cfg.hnm_query_mix > 0):
+        from_batch = global_batch - 1 if cfg.hnm_use_batch else 0
+        from_bank = cfg.bank_size * global_batch if banked else 0
+        pool = from_batch + from_bank
+        if pool == 0:
+            fix = ("with hnm_use_batch=false and bank_size=0: set bank_size >= 1 or hnm_use_batch=true"
+                   if not cfg.hnm_use_batch else
+                   "with a global batch of 1 and bank_size=0: set bank_size >= 1 or raise batch_size")
+            raise ConfigError(f"objective={cfg.objective} has no hard-negative candidates {fix}")
+        if cfg.hnm_k > pool:
+            parts = ([f"global batch {global_batch} - 1"] if cfg.hnm_use_batch else []) + \
+                ([f"bank {cfg.bank_size} x {global_batch}"] if from_bank else [])
+            raise ConfigError(
+                f"hnm_k={cfg.hnm_k} exceeds the {pool} candidates HNM can ever choose from "
+                f"({' + '.join(parts)}): use hnm_k <= {pool}, or raise batch_size or bank_size"
+            )
+
+
+def _memory_budget() -> tuple[int, str]:
+    """(bytes, name) of the memory the bank of one process lives in: its GPU, else its RAM share."""
+    import torch
+
+    if torch.cuda.is_available():
+        device = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+        return torch.cuda.get_device_properties(device).total_memory, "GPU memory"
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return ram // local, ("RAM" if local == 1 else f"RAM share of each of {local} processes")
+
+
+def startup_checks(cfg: TrainConfig, world_size: int | None = None) -> None:
+    """The checks that need the model's config (read, not the weights) and the machine."""
+    from transformers import AutoConfig
+
+    from .encoder import resolve_model_path
+
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        model_config = AutoConfig.from_pretrained(resolve_model_path(cfg.model_name_or_path))
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"model_name_or_path={cfg.model_name_or_path}: its config cannot be read ({first})") \
+            from None
+    memory, name = _memory_budget()
+    check_against_model(cfg, model_config, world_size, memory, name)

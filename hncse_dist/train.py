@@ -18,7 +18,7 @@ import torch
 
 from .bank import NegativeBank, sentence_keys
 from .checkpoint import Checkpointer
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, check_eval_file, startup_checks
 from .encoder import Encoder, ModelSetupError, require_dropout
 from .gather import all_ranks_agree
 from .metrics import (STSB_DEV_KEY, FlopsModel, MetricsLog, hparams_of, memory_gb, parse_report_to, peak_flops,
@@ -33,6 +33,10 @@ PACKAGED_STSB_DEV = Path(__file__).parent / "resources" / "sts-dev.csv"
 
 class TrainingDiverged(RuntimeError):
     """The loss stayed non-finite: stopping is better than skipping forever."""
+
+
+class EvalFailed(RuntimeError):
+    """STS-B dev evaluation failed mid-run; the training state was checkpointed first."""
 
 
 class PreemptionFlag:
@@ -156,7 +160,11 @@ def _eval_dev(cfg: TrainConfig, encoder: Encoder) -> float | None:
     path = PACKAGED_STSB_DEV if cfg.eval_file == "packaged" else cfg.eval_file
     if path is None:
         return None
-    return dev_spearman(encoder, str(path), batch_size=cfg.eval_batch_size)
+    try:
+        return dev_spearman(encoder, str(path), batch_size=cfg.eval_batch_size)
+    except (OSError, ValueError, IndexError):
+        check_eval_file(cfg.eval_file)  # a file that went bad since start-up: say what is wrong with it
+        raise
 
 
 def train(cfg: TrainConfig) -> int:
@@ -165,6 +173,7 @@ def train(cfg: TrainConfig) -> int:
     from transformers import get_linear_schedule_with_warmup
 
     cfg.validate()
+    startup_checks(cfg)  # the model's config and the machine, before any weights load
     claim_output_dir(Path(cfg.output_dir), json.loads(json.dumps(asdict(cfg), default=str)), cfg.resume,
                      cfg.overwrite, is_main=int(os.environ.get("RANK", "0")) == 0)
     preempt = PreemptionFlag()
@@ -214,9 +223,9 @@ def train(cfg: TrainConfig) -> int:
         elif cfg.resume != "latest":
             raise ConfigError(f"resume={cfg.resume}: no complete checkpoint there")
 
-    def save(tag_step: int) -> None:
-        ckpt.save(tag_step, {"trainer": state, "bank": bank.state_dict(), "data": stream.state_dict(),
-                             "generator": hnm_gen.get_state(), "param_digest": parameter_digest(model)})
+    def save(tag_step: int) -> Path:
+        return ckpt.save(tag_step, {"trainer": state, "bank": bank.state_dict(), "data": stream.state_dict(),
+                                    "generator": hnm_gen.get_state(), "param_digest": parameter_digest(model)})
 
     trackers = parse_report_to(cfg.report_to)
     if any(t != "tensorboard" for t in trackers):
@@ -315,7 +324,7 @@ def train(cfg: TrainConfig) -> int:
                 window_tokens, window_flops = 0, 0.0
 
             if (cfg.eval_every > 0 and step % cfg.eval_every == 0) or step == steps:
-                maybe_eval(cfg, acc, model, state, log, out_dir, step)
+                maybe_eval(cfg, acc, model, state, log, out_dir, step, save=save)
             stop = all_ranks_agree(preempt.raised is not None, acc.device)
             if stop or (cfg.save_every > 0 and step % cfg.save_every == 0) or step == steps:
                 save(step)
@@ -371,25 +380,36 @@ class NonFiniteSkips:
         return None
 
 
-def maybe_eval(cfg, acc, model, state, log, out_dir: Path, step: int) -> None:
-    """STS-B dev on the main process; exports the best model (SimCSE's selection)."""
+def maybe_eval(cfg, acc, model, state, log, out_dir: Path, step: int, save=None) -> None:
+    """STS-B dev on the main process; exports the best model (SimCSE's selection).
+
+    An evaluation that fails never loses the run: every rank learns of it, ``save(step)``
+    writes a checkpoint, then EvalFailed is raised on every rank."""
     if cfg.eval_file is None:
         return
-    if cfg.deepspeed and acc.state.deepspeed_plugin.zero_stage == 3:
-        # Parameters are sharded: every rank runs the same forwards so ZeRO-3's parameter
-        # all-gathers match up; rank 0's score is the one used.
-        score = _eval_dev(cfg, acc.unwrap_model(model))
+    score, error = None, None
+    try:
+        if cfg.deepspeed and acc.state.deepspeed_plugin.zero_stage == 3:
+            # Parameters are sharded: every rank runs the same forwards so ZeRO-3's parameter
+            # all-gathers match up; rank 0's score is the one used.
+            score = _eval_dev(cfg, acc.unwrap_model(model))
+        elif acc.is_main_process:
+            score = _eval_dev(cfg, acc.unwrap_model(model))
+    except Exception as err:  # noqa: BLE001 - whatever broke, the training state is saved first
+        lines = str(err).strip().splitlines()
+        error = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+    finally:
         model.train()
-    elif acc.is_main_process:
-        score = _eval_dev(cfg, acc.unwrap_model(model))
-        model.train()
-    else:
-        score = None
     from accelerate.utils import broadcast_object_list
 
-    box = [score]
+    box = [score, error]
     broadcast_object_list(box)
-    score = box[0]
+    score, first_error = box
+    if all_ranks_agree(error is not None, acc.device):  # under ZeRO-3 any rank may fail
+        where = save(step) if save is not None else None
+        kept = f"the training state is saved in {where}" if where is not None else "no checkpoint was written"
+        raise EvalFailed(f"evaluation at step {step} failed ({first_error or error or 'on another rank'}); {kept}: "
+                         "fix the cause (or set eval_file=null) and continue with resume=latest")
     if score is None:
         return
     log.log(step, {STSB_DEV_KEY: score})
