@@ -93,8 +93,6 @@ class TrainConfig(ObjectiveConfig):
     def validate(self) -> "TrainConfig":
         if self.pooler not in POOLERS:
             raise ConfigError(f"pooler={self.pooler!r} does not exist: use one of {', '.join(POOLERS)}")
-        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout={self.dropout}: use a probability in [0, 1), or null for the model's own")
         self.append_eos = str(self.append_eos).lower()
         if self.append_eos not in APPEND_EOS:
             raise ConfigError(f"append_eos={self.append_eos!r}: use auto, true or false")
@@ -284,6 +282,7 @@ class Range:
     lo: float = 0
     hi: float | None = None
     lo_open: bool = False
+    hi_open: bool = False
     integer: bool = True
     note: str = ""  # what special values mean
     null: str = ""  # what null means, when null is allowed
@@ -295,12 +294,13 @@ class Range:
             return False
         if not (value > self.lo if self.lo_open else value >= self.lo):
             return False
-        return self.hi is None or value <= self.hi
+        return self.hi is None or (value < self.hi if self.hi_open else value <= self.hi)
 
     def describe(self) -> str:
         kind = "an integer" if self.integer else "a number"
         if self.hi is not None:
-            text = f"{kind} in {'(' if self.lo_open else '['}{_plain(self.lo)}, {_plain(self.hi)}]"
+            text = (f"{kind} in {'(' if self.lo_open else '['}{_plain(self.lo)}, {_plain(self.hi)}"
+                    f"{')' if self.hi_open else ']'}")
         else:
             text = f"{kind} {'>' if self.lo_open else '>='} {_plain(self.lo)}"
         if self.null:
@@ -347,7 +347,7 @@ RANGES: dict[str, Range] = {
     "keep_last": Range(0, note="0: keep every checkpoint"),
     "max_nonfinite_skips": Range(0, note="0: never stop on non-finite losses"),
     "peak_flops": Range(0, integer=False, note="0: datasheet figure for known GPUs, measured on CPU"),
-    "dropout": Range(0, 1, integer=False, null="the model's own dropout"),
+    "dropout": Range(0, 1, hi_open=True, integer=False, null="the model's own dropout"),
 }
 
 

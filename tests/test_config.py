@@ -94,7 +94,8 @@ RANGE_CASES = {
     "max_nonfinite_skips": (["-1"], ["0", "20"], "an integer >= 0 (0: never stop on non-finite losses)"),
     "peak_flops": (["-1", "nan"], ["0", "3.1e14"],
                    "a number >= 0 (0: datasheet figure for known GPUs, measured on CPU)"),
-    "dropout": (["-0.1", "1.5", "nan"], ["0", "0.1", "null"], "a number in [0, 1], or null for the model's own dropout"),
+    "dropout": (["-0.1", "1", "1.5", "nan"], ["0", "0.1", "0.99", "null"],
+                "a number in [0, 1), or null for the model's own dropout"),
 }
 
 
