@@ -15,11 +15,11 @@ from tests.launch import REPO, child_env
 from tests.test_train_e2e import common
 
 
-def start(args, nproc=2, new_session=True):
+def start(args, nproc=2, new_session=True, env=None):
     cmd = [sys.executable, "-m", "hncse_dist.cli", "train", *args]
     if nproc > 1:
         cmd += ["--nproc-per-node", str(nproc)]
-    return subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    return subprocess.Popen(cmd, cwd=REPO, env=env or child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=new_session)
 
 
@@ -154,13 +154,17 @@ def test_a_dead_rank_ends_the_job_with_its_code(tmp_path, tiny_bert, corpus):
     assert took < 30
 
 
+# cos / 1e-39 overflows float32: every loss is non-finite from the first step on (before, the
+# loop skipped such steps forever and ignored SIGTERM).
+NAN_EVERY_STEP = {"temperature": 1e-39}
+
+
 @pytest.mark.slow
 def test_nonfinite_loss_every_step_stops_with_one_line(tmp_path, tiny_bert, corpus):
-    """learning_rate=1e6: NaN from the second step on. Before, the loop skipped forever."""
     out = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "-m", "hncse_dist.cli", "train",
-         *long_run(tiny_bert, corpus, out, learning_rate=1e6, max_nonfinite_skips=7, log_every=3)],
+         *long_run(tiny_bert, corpus, out, max_nonfinite_skips=7, log_every=3, **NAN_EVERY_STEP)],
         cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr[-3000:]
     errors = [l for l in proc.stderr.splitlines() if l.startswith("hncse-dist train: error:")]
@@ -174,12 +178,17 @@ def test_nonfinite_loss_every_step_stops_with_one_line(tmp_path, tiny_bert, corp
 @pytest.mark.slow
 def test_preemption_is_honoured_while_steps_are_skipped(tmp_path, tiny_bert, corpus):
     out = tmp_path / "run"
-    proc = start(long_run(tiny_bert, corpus, out, learning_rate=1e6, max_nonfinite_skips=0))
+    proc = start(long_run(tiny_bert, corpus, out, max_nonfinite_skips=0, **NAN_EVERY_STEP),
+                 env=child_env(PYTHONUNBUFFERED="1"))
     workers = workers_of(proc.pid)
-    wait_training(out, proc, step=1)
-    time.sleep(1.0)  # now every step is skipped
+    seen = []
+    for line in proc.stdout:  # wait until steps are being skipped
+        seen.append(line)
+        if "non-finite loss" in line:
+            break
     proc.send_signal(signal.SIGTERM)
-    log = proc.communicate(timeout=60)[0]
+    log = "".join(seen) + proc.communicate(timeout=60)[0]
     assert proc.returncode == 75, log[-4000:]
+    assert "exiting 75" in log
     assert wait_gone(workers, 10) is not None
-    assert complete_steps(out) == [1]
+    assert complete_steps(out) == [0]
