@@ -45,6 +45,7 @@ def _train(argv: list[str]) -> int:
         return 2
     if args.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
         return _relaunch_with_torchrun(args.nproc_per_node, argv)
+    from .checkpoint import CheckpointWriteError
     from .train import train
 
     try:
@@ -52,6 +53,9 @@ def _train(argv: list[str]) -> int:
     except ConfigError as err:
         print(f"hncse-dist train: error: {err}", file=sys.stderr)
         return 2
+    except CheckpointWriteError as err:  # raised on every rank together; the previous checkpoint is kept
+        print(f"hncse-dist train: error: {err}", file=sys.stderr)
+        code = 1
     if cfg.deepspeed:
         # Everything is written and every rank has passed the final barrier. DeepSpeed's CPU
         # communication threads can abort the interpreter's teardown ("terminate called
