@@ -233,7 +233,7 @@ class Checkpointer:
             message = f"no space left on device while writing checkpoint {path.name} in {path.parent}"
         else:
             message = f"could not write checkpoint {path.name} in {path.parent} (rank {rank}: {reason})"
-        if self.acc.is_main_process:
+        if self.acc.is_main_process and not (path / MARKER).is_file():
             shutil.rmtree(path, ignore_errors=True)
         all_ranks(None)  # the folder is gone before any rank reports
         raise CheckpointWriteError(message)
@@ -245,6 +245,23 @@ class Checkpointer:
         except Exception as err:  # noqa: BLE001 - decided jointly below
             failure = (_no_space(err, path), _reason(err))
         self._joint(path, failure)
+
+    def _room_for(self, path: Path):
+        """Before writing, rank 0 checks the disk holds another checkpoint the size of the last
+        one: a disk known to be too full fails before any rank starts writing (DeepSpeed's
+        engine has barriers of its own that a rank failing mid-write would leave waiting)."""
+
+        def check():
+            previous = complete_checkpoints(self.root)
+            if not self.acc.is_main_process or not previous:
+                return
+            need = sum(f.stat().st_size for f in previous[-1].rglob("*") if f.is_file())
+            if path.exists():  # a torn folder of this step is replaced
+                need -= sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+            if shutil.disk_usage(self.root).free < need:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.root))
+
+        return check
 
     def save(self, step: int, extra: dict) -> Path:
         path = self.root / step_dir_name(step)
@@ -266,6 +283,7 @@ class Checkpointer:
                 tmp.write_text(json.dumps(info))
                 os.replace(tmp, path / MARKER)
 
+        self._attempt(path, self._room_for(path))
         self._attempt(path, prepare)
         self._attempt(path, write)
         self._attempt(path, seal)

@@ -132,26 +132,32 @@ def _rank_env(rank, world, port, **extra):
 
 @pytest.mark.slow
 @pytest.mark.dist
-def test_full_disk_while_checkpointing(tmp_path, tiny_bert, corpus):
-    """A tmpfs holds the checkpoints: the first (~24 MB) fits, the second does not."""
+@pytest.mark.parametrize("size_mb, failing, kept", [
+    (36, 4, ["step-00000002"]),  # the first checkpoint (~24 MB) fits, the second does not
+    (12, 2, []),  # not even the first: the write itself fails (no earlier checkpoint to size it by)
+])
+def test_full_disk_while_checkpointing(tmp_path, tiny_bert, corpus, size_mb, failing, kept):
+    """A tmpfs holds the checkpoints; every rank exits 1 with one line, nothing partial stays."""
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
     out = tmp_path / "run"
     ckdir = out / "checkpoints"
     ckdir.mkdir(parents=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=36M", "tmpfs", str(ckdir)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}M", "tmpfs", str(ckdir)], check=True)
     try:
         port = free_port()
         args = common(tiny_bert, corpus, out, max_steps=8, save_every=2, keep_last=1)
         ranks = [_start(args, env=_rank_env(r, 2, port)) for r in range(2)]
         results = [p.communicate(timeout=300) for p in ranks]
-        message = f"no space left on device while writing checkpoint step-00000004 in {ckdir}"
+        message = f"no space left on device while writing checkpoint step-{failing:08d} in {ckdir}"
         for p, (so, se) in zip(ranks, results):
             assert p.returncode == 1, se[-3000:]
             assert f"hncse-dist train: error: {message}" in se.splitlines(), se[-3000:]
             assert "Traceback" not in se
-        assert sorted(p.name for p in ckdir.iterdir()) == ["step-00000002"]
-        assert (ckdir / "step-00000002" / MARKER).is_file()
+        assert sorted(p.name for p in ckdir.iterdir()) == kept
+        assert all((ckdir / k / MARKER).is_file() for k in kept)
+        if not kept:
+            return
         # the kept checkpoint resumes (into a copy on an ordinary disk)
         import shutil
 

@@ -75,15 +75,19 @@ def test_payload_in_any_file_of_a_ddp_checkpoint_never_runs(tmp_path, tiny_bert,
     names = files_of(ddp_run / ckpt_rel)
     assert {"COMPLETE", "model.safetensors", "optimizer.bin", "random_states_0.pkl", "random_states_1.pkl",
             "hncse_rank0.pt", "hncse_rank1.pt"} <= {str(n) for n in names}
+    ran, resumed, unclear = [], [], []
     for i, name in enumerate(names):
         out = run_copy(ddp_run, tmp_path / f"r{i}")
         marker = tmp_path / f"marker{i}"
         plant(out / ckpt_rel / name, marker)
         proc = resume(tmp_path, tiny_bert, corpus, out)
-        assert not marker.exists(), f"planted {name}: the payload ran"
-        assert proc.returncode != 0, f"planted {name}: resumed anyway"
+        ran += [str(name)] if marker.exists() else []
+        resumed += [str(name)] if proc.returncode == 0 else []
         lines = error_lines(proc)
-        assert lines and f"refusing checkpoint {out / ckpt_rel}" in lines[0] and str(name) in lines[0], proc.stderr[-3000:]
+        if not (lines and lines[0].startswith(f"hncse-dist train: error: refusing checkpoint {out / ckpt_rel}: {name} ")):
+            unclear.append((str(name), proc.stderr[-1500:]))
+    assert ran == [], f"the payload ran when planted in {ran}"
+    assert resumed == [] and unclear == []
 
 
 @pytest.mark.slow
@@ -98,20 +102,26 @@ def test_payload_in_every_file_of_a_zero2_checkpoint_never_runs(tmp_path, tiny_b
     names = [str(n) for n in files_of(ckpt)]
     assert "pytorch_model/mp_rank_00_model_states.pt" in names
     assert "pytorch_model/zero_pp_rank_1_mp_rank_00_optim_states.pt" in names
-    # a clean ZeRO-2 checkpoint passes the check (DeepSpeed's own classes are allowed, nothing else)
-    from hncse_dist.checkpoint import check_files
-
-    check_files(ckpt)
     # one launch per planted file: every file DeepSpeed or Accelerate would unpickle is guarded
+    ran, resumed, unclear = [], [], []
     for i, name in enumerate(names):
         run = run_copy(out, tmp_path / f"r{i}")
         marker = tmp_path / f"marker{i}"
         plant(run / "checkpoints" / "step-00000004" / name, marker)
         proc = resume(tmp_path, tiny_bert, corpus, run, timeout=600, **ds)
-        assert not marker.exists(), f"planted {name}: the payload ran"
-        assert proc.returncode != 0, f"planted {name}: resumed anyway"
+        ran += [name] if marker.exists() else []
+        resumed += [name] if proc.returncode == 0 else []
         lines = error_lines(proc)
-        assert lines and name in lines[0], proc.stderr[-3000:]
+        if name.endswith(".py"):
+            continue  # DeepSpeed's scripts are never run on resume: the run may go on
+        if not (lines and lines[0].startswith(f"hncse-dist train: error: refusing checkpoint {run / 'checkpoints' / 'step-00000004'}: {name} ")):
+            unclear.append((name, proc.stderr[-1500:]))
+    assert ran == [], f"the payload ran when planted in {ran}"
+    assert [n for n in resumed if not n.endswith(".py")] == [] and unclear == []
+    # a clean ZeRO-2 checkpoint passes the check (DeepSpeed's own classes are allowed, nothing else)
+    from hncse_dist.checkpoint import check_files
+
+    check_files(ckpt)
 
 
 @pytest.mark.slow
