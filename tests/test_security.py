@@ -10,6 +10,7 @@ import zipfile
 import pytest
 import torch
 
+from tests.launch import free_port
 from tests.test_train_e2e import common, run_cli
 
 
@@ -130,11 +131,19 @@ def test_rank_file_from_another_run_is_refused(tmp_path, tiny_bert, corpus, ddp_
     out = run_copy(ddp_run, tmp_path / "mixed")
     ckpt = out / "checkpoints" / "step-00000004"
     shutil.copy(other_ddp_run / "checkpoints" / "step-00000004" / "hncse_rank1.pt", ckpt / "hncse_rank1.pt")
-    proc = resume(tmp_path, tiny_bert, corpus, out)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    lines = error_lines(proc)
-    assert lines and f"refusing checkpoint {ckpt}: hncse_rank1.pt belongs to run " in lines[0], proc.stderr[-3000:]
-    assert "the folder mixes two runs" in lines[0]
+    # the ranks started by hand, so that each one's exit status is seen
+    from tests.test_checkpoint import _rank_env, _start
+
+    port = free_port()
+    args = common(tiny_bert, corpus, out, max_steps=6, save_every=2, resume="latest")
+    ranks = [_start(args, env=_rank_env(r, 2, port)) for r in range(2)]
+    for p in ranks:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 2, err[-3000:]
+        lines = [l for l in err.splitlines() if "error" in l.lower()]
+        assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+        assert lines[0].startswith(f"hncse-dist train: error: refusing checkpoint {ckpt}: hncse_rank1.pt belongs to run ")
+        assert lines[0].endswith("the folder mixes two runs; resume from another checkpoint")
 
 
 @pytest.mark.slow
@@ -159,8 +168,21 @@ def test_resume_with_another_world_size_is_one_line_exit_2(tmp_path, tiny_bert, 
     out = run_copy(ddp_run, tmp_path / "ws")
     proc = resume(tmp_path, tiny_bert, corpus, out, nproc=1)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    err = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert "Traceback" not in proc.stderr
+    err = [l for l in proc.stderr.splitlines() if "error" in l.lower()]
     assert len(err) == 1, proc.stderr
     assert err[0] == (f"hncse-dist train: error: {out / 'checkpoints' / 'step-00000004'} was written by 2 "
                       "processes, this run has 1: resume with --nproc-per-node 2 (the data position and the "
                       "bank are per world size)")
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_export_refuses_a_planted_checkpoint(tmp_path, ddp_run):
+    out = run_copy(ddp_run, tmp_path / "exp")
+    ckpt = out / "checkpoints" / "step-00000004"
+    marker = tmp_path / "marker"
+    plant(ckpt / "optimizer.bin", marker)
+    proc = run_cli(["export", str(ckpt), str(tmp_path / "exported")], check=False, timeout=300)
+    assert proc.returncode == 2 and not marker.exists()
+    assert f"hncse-dist export: error: refusing checkpoint {ckpt}: optimizer.bin is not plain checkpoint data" in proc.stderr
