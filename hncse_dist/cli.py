@@ -18,7 +18,8 @@ Train a sentence encoder with SimCSE / HNCSE.
 Any config key can be overridden as key=value (YAML syntax: 1e-5, true, null).
 Objectives: simcse | pm (positive mixing) | hnm (hard negative mixing) | hncse (both).
 Every key with its default and meaning, as a YAML config: hncse-dist train --help-config > my.yaml
-Exit codes: 0 done, 2 bad configuration, 75 checkpointed after SIGTERM/SIGUSR1 (requeue).
+Exit codes: 0 done, 2 bad configuration, 75 checkpointed after SIGTERM/SIGUSR1 (requeue),
+1 a checkpoint could not be written (the previous one is kept).
 """
 
 
