@@ -170,3 +170,29 @@ def test_full_disk_while_checkpointing(tmp_path, tiny_bert, corpus, size_mb, fai
                     timeout=300)
     assert "at step 2" in again.stdout + again.stderr
     assert (again_out / "checkpoints" / "step-00000004" / MARKER).is_file()
+
+
+def test_run_lock_refuses_a_second_holder_and_frees_on_release(tmp_path):
+    from hncse_dist.config import ConfigError
+    from hncse_dist.runlock import RunLock
+
+    first = RunLock(tmp_path, "run-a")
+    with pytest.raises(ConfigError) as err:
+        RunLock(tmp_path, "run-b")
+    assert str(err.value) == (f"output_dir {tmp_path} is in use by another run (host {socket.gethostname()}, "
+                              f"PID {os.getpid()}, run run-a): wait for it to end, or choose another output_dir")
+    first.release()
+    RunLock(tmp_path, "run-b").release()
+    assert json.loads((tmp_path / "run.lock").read_text())["run_id"] == "run-b"
+
+
+def test_superseded_records_are_dropped_atomically(tmp_path):
+    from hncse_dist.runlock import drop_records_after
+
+    path = tmp_path / "metrics.jsonl"
+    recs = [{"step": s, "loss": float(s)} for s in (1, 2, 3, 4)] + [{"step": 4, "eval/x": 0.5}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs) + '{"step": 5, "lo')  # torn last line
+    assert drop_records_after(path, 2) == 4
+    assert [json.loads(l) for l in path.read_text().splitlines()] == recs[:2]
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]  # no temp file left
+    assert drop_records_after(path, 2) == 0 and drop_records_after(tmp_path / "none.jsonl", 0) == 0
