@@ -208,8 +208,9 @@ def train(cfg: TrainConfig) -> int:
             drop_records_after(out_dir / "metrics.jsonl", state["step"])
 
     def save(tag_step: int) -> None:
-        ckpt.save(tag_step, {"trainer": state, "scheduler": scheduler.state_dict(), "bank": bank.state_dict(), "data": stream.state_dict(),
-                             "generator": hnm_gen.get_state(), "param_digest": parameter_digest(model)})
+        ckpt.save(tag_step, {"trainer": state, "scheduler": scheduler.state_dict(), "bank": bank.state_dict(),
+                             "data": stream.state_dict(), "generator": hnm_gen.get_state(),
+                             "param_digest": parameter_digest(model)})
 
     log = MetricsLog(out_dir, acc.is_main_process)
     if acc.is_main_process:
