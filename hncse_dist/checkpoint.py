@@ -88,7 +88,7 @@ def _allowed_globals(folder: Path) -> list:
     except AttributeError:  # numpy < 2
         reconstruct = np.core.multiarray._reconstruct
     allowed = [reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
-    if any(folder.glob("*/mp_rank_*_model_states.pt")):
+    if any(folder.glob("*/*_model_states.pt")) or any(folder.glob("*/*_optim_states.pt")):
         from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
         from deepspeed.runtime.zero.config import ZeroStageEnum
         from deepspeed.utils.tensor_fragment import fragment_address
