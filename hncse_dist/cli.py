@@ -21,8 +21,8 @@ Every key with its default and meaning, as a YAML config: hncse-dist train --hel
 Signals: SIGTERM / SIGUSR1 (Slurm's warnings) and Ctrl-C checkpoint at the end of the current
 step, then exit; a second Ctrl-C exits at once. With --nproc-per-node they are forwarded to
 every rank, and the ranks die with the launcher.
-Exit codes: 0 done, 1 failed (the loss stayed non-finite, or an evaluation failed: checkpointed
-first), 2 bad configuration,
+Exit codes: 0 done, 1 failed (the loss stayed non-finite, an evaluation failed: checkpointed
+first, or a checkpoint could not be written: the previous one is kept), 2 bad configuration,
 75 checkpointed after SIGTERM/SIGUSR1 (requeue), 130 checkpointed after Ctrl-C.
 """
 
@@ -64,6 +64,7 @@ def _train(argv: list[str]) -> int:
         except (OSError, ValueError):
             pass  # e.g. a hub name offline: every process reports it with its context
         return launch(args.nproc_per_node, argv)
+    from .checkpoint import CheckpointWriteError
     from .train import EvalFailed, TrainingDiverged, train
 
     try:
@@ -82,6 +83,9 @@ def _train(argv: list[str]) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"hncse-dist train: error: {err}", file=sys.stderr)
         return 1
+    except CheckpointWriteError as err:  # raised on every rank together; the previous checkpoint is kept
+        print(f"hncse-dist train: error: {err}", file=sys.stderr)
+        code = 1
     if cfg.deepspeed:
         # Everything is written and every rank has passed the final barrier. DeepSpeed's CPU
         # communication threads can abort the interpreter's teardown ("terminate called

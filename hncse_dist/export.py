@@ -49,6 +49,9 @@ def export_any(source: str, output: str, pooler: str | None = None) -> Path:
         enc.save_pretrained(output)
         return Path(output)
     run = _run_config(src)
+    from .checkpoint import check_files
+
+    check_files(src)  # DeepSpeed's consolidation unpickles its files in full: plain data only
     enc = Encoder.from_pretrained(run["model_name_or_path"], pooler or run["pooler"], run["mlp_only_train"],
                                   dropout=run.get("dropout"), append_eos=run.get("append_eos", "auto"),
                                   padding_side=run.get("padding_side"))

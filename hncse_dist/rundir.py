@@ -13,7 +13,7 @@ from pathlib import Path
 from .config import ConfigError
 
 RECORDS = ("metrics.jsonl", "checkpoints", "final", "best", "summary.json")
-REPLACED = (*RECORDS, "tb", "config.json")
+REPLACED = (*RECORDS, "tb", "config.json")  # never run.lock: the new run holds it already
 # Keys that do not change what a run computes (where it is shown, how it is resumed).
 NOT_THE_RUN = {"resume", "progress", "overwrite", "report_to", "run_name", "output_dir"}
 
@@ -33,7 +33,7 @@ def config_changes(old: dict, new: dict) -> list[str]:
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 
-def claim_output_dir(out_dir: Path, new_config: dict, resume: str | None, overwrite: bool, is_main: bool) -> None:
+def refuse_foreign_run(out_dir: Path, new_config: dict, resume: str | None, overwrite: bool, is_main: bool) -> None:
     """Refuse (ConfigError) to start a fresh run in a folder holding another one; with
     ``overwrite`` the main process removes the old run's records first."""
     if resume is not None or not holds_a_run(out_dir):

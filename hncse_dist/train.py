@@ -24,7 +24,8 @@ from .gather import all_ranks_agree
 from .metrics import (STSB_DEV_KEY, FlopsModel, MetricsLog, hparams_of, memory_gb, parse_report_to, peak_flops,
                       progress_line, steady_rate)
 from .objective import HncseLoss, ObjectiveConfig, alignment, uniformity
-from .rundir import claim_output_dir
+from .rundir import refuse_foreign_run
+from .runlock import claim_output_dir, drop_records_after
 
 REQUEUE_EXIT_CODE = 75  # "checkpointed after a preemption signal: requeue me" (EX_TEMPFAIL)
 INTERRUPT_EXIT_CODE = 130  # checkpointed after Ctrl-C (the shell's code for SIGINT)
@@ -174,13 +175,15 @@ def train(cfg: TrainConfig) -> int:
 
     cfg.validate()
     startup_checks(cfg)  # the model's config and the machine, before any weights load
-    claim_output_dir(Path(cfg.output_dir), json.loads(json.dumps(asdict(cfg), default=str)), cfg.resume,
-                     cfg.overwrite, is_main=int(os.environ.get("RANK", "0")) == 0)
     preempt = PreemptionFlag()
     acc = make_accelerator(cfg)
     rank, world_size = acc.process_index, acc.num_processes
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    run_id, run_lock = claim_output_dir(acc, out_dir)  # one run per output_dir (exit 2 otherwise)
+    # ... and a fresh run never writes over another run's records (exit 2 unless resume / overwrite)
+    refuse_foreign_run(out_dir, json.loads(json.dumps(asdict(cfg), default=str)), cfg.resume, cfg.overwrite,
+                       is_main=acc.is_main_process)
     set_seed(cfg.seed)  # identical head initialisation on every rank
     try:
         encoder = Encoder.from_pretrained(cfg.model_name_or_path, cfg.pooler, cfg.mlp_only_train,
@@ -205,10 +208,10 @@ def train(cfg: TrainConfig) -> int:
     scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, steps)
     model, optimizer = acc.prepare(encoder, optimizer)
     # The scheduler is stepped by hand: Accelerate's wrapper would step it once per process.
-    acc.register_for_checkpointing(scheduler)
+    # Its state travels in the trainer's own state file (plain data), not Accelerate's pickles.
     bank = NegativeBank(cfg.bank_size if cfg.objective in ("hnm", "hncse") else 0)
     hnm_gen = torch.Generator(device=acc.device).manual_seed(cfg.seed * 1000 + rank)
-    ckpt = Checkpointer(out_dir / "checkpoints", acc, keep_last=cfg.keep_last)
+    ckpt = Checkpointer(out_dir / "checkpoints", acc, keep_last=cfg.keep_last, run_id=run_id)
 
     state = {"step": 0, "best_dev": float("-inf"), "micro_step": 0}
     if cfg.resume:
@@ -216,16 +219,20 @@ def train(cfg: TrainConfig) -> int:
         if resumed is not None:
             extra = ckpt.load(resumed)
             state.update(extra["trainer"])
+            scheduler.load_state_dict(extra["scheduler"])
             bank.load_state_dict(extra["bank"], device=acc.device)
             stream.load_state_dict(extra["data"])
             hnm_gen.set_state(extra["generator"])
             acc.print(f"resumed from {resumed} at step {state['step']}")
         elif cfg.resume != "latest":
             raise ConfigError(f"resume={cfg.resume}: no complete checkpoint there")
+        if acc.is_main_process:  # the steps after the checkpoint are logged again
+            drop_records_after(out_dir / "metrics.jsonl", state["step"])
 
     def save(tag_step: int) -> Path:
-        return ckpt.save(tag_step, {"trainer": state, "bank": bank.state_dict(), "data": stream.state_dict(),
-                                    "generator": hnm_gen.get_state(), "param_digest": parameter_digest(model)})
+        return ckpt.save(tag_step, {"trainer": state, "scheduler": scheduler.state_dict(), "bank": bank.state_dict(),
+                                    "data": stream.state_dict(), "generator": hnm_gen.get_state(),
+                                    "param_digest": parameter_digest(model)})
 
     trackers = parse_report_to(cfg.report_to)
     if any(t != "tensorboard" for t in trackers):
@@ -350,6 +357,8 @@ def train(cfg: TrainConfig) -> int:
     acc.end_training()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    if run_lock is not None:
+        run_lock.release()
     return exit_code
 
 
