@@ -52,6 +52,8 @@ class _EpochPlan:
     """Everything a worker needs to produce its share of one rank's epoch (picklable)."""
 
     paths: tuple[str, ...]
+    counts: tuple[int, ...]  # manifest sample counts and sha256s: every shard read is verified
+    shas: tuple[str | None, ...]
     segments: tuple[Segment, ...]
     batch_size: int
     block_size: int
@@ -72,25 +74,32 @@ class _EpochPlan:
 
 
 class _SegmentReader:
-    """Reads segments in order, keeping the current shard open across adjacent segments."""
+    """Reads segments in order, keeping the current shard open across adjacent segments.
 
-    def __init__(self, paths: tuple[str, ...]) -> None:
-        self._paths = paths
+    A shard is checked against its manifest sha256 when its last sample is read, or, when
+    this reader leaves it earlier, by reading on to its end first (``close``): every shard
+    a worker opens is verified, including the part-read one before an epoch's dropped tail.
+    """
+
+    def __init__(self, plan: _EpochPlan) -> None:
+        self._plan = plan
         self._reader: ShardReader | None = None
 
     def read(self, seg: Segment) -> list[tuple[str, str]]:
-        path = self._paths[seg.shard]
+        path = self._plan.paths[seg.shard]
         reader = self._reader
         if reader is None or reader.path != path or reader.position > seg.start:
-            self.close()
-            reader = self._reader = ShardReader(path)
+            self.close(verify=True)
+            reader = self._reader = ShardReader(
+                path, count=self._plan.counts[seg.shard], sha256=self._plan.shas[seg.shard]
+            )
         reader.skip(seg.start - reader.position)
         return reader.read(seg.count)
 
-    def close(self) -> None:
+    def close(self, verify: bool = False) -> None:
         if self._reader is not None:
-            self._reader.close()
-            self._reader = None
+            reader, self._reader = self._reader, None
+            reader.close(verify=verify)
 
 
 class _EpochBatches(IterableDataset):
@@ -112,11 +121,12 @@ class _EpochBatches(IterableDataset):
         plan = self.plan
         n_blocks = math.ceil(plan.span / plan.block_size)
         first_block = plan.start_batch // plan.batches_per_block
-        reader = _SegmentReader(plan.paths)
+        reader = _SegmentReader(plan)
         try:
             for block in range(first_block, n_blocks):
                 if block % n_workers == worker:
                     yield from self._block_batches(block, reader)
+            reader.close(verify=True)
         finally:
             reader.close()
 
@@ -315,6 +325,8 @@ class ShardStream:
         segments = make_segments(counts, self.seed, epoch, self.rank, per_rank)
         return _EpochPlan(
             paths=tuple(i.path for i in self._shards),
+            counts=tuple(i.count for i in self._shards),
+            shas=tuple(i.sha256 for i in self._shards),
             segments=tuple(segments),
             batch_size=self.batch_size,
             block_size=self._block_size,
