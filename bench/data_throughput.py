@@ -93,6 +93,17 @@ def time_tar_reading(shard_dir: str, verify: bool = False) -> float:
     return count / (time.perf_counter() - start)
 
 
+def sha256_mb_per_s(shard_dir: str) -> float:
+    """hashlib's sha256 over the shard files' bytes (already in memory): the price of verifying."""
+    import hashlib
+
+    blobs = [Path(shard_dir, e["name"]).read_bytes() for e in load_manifest(shard_dir)["shards"]]
+    start = time.perf_counter()
+    for blob in blobs:
+        hashlib.sha256(blob).hexdigest()
+    return sum(map(len, blobs)) / 2**20 / (time.perf_counter() - start)
+
+
 def best_of(fn, repeats: int = 3) -> float:
     """The highest of a few rates: the timing least disturbed by other work on the machine."""
     return max(fn() for _ in range(repeats))
@@ -242,6 +253,7 @@ def main() -> int:
         verified_rate = best_of(lambda: time_tar_reading(shard_dir, verify=True))
         gz_read_rate = best_of(lambda: time_tar_reading(gz_dir))
         gz_verified_rate = best_of(lambda: time_tar_reading(gz_dir, verify=True))
+        sha_rate = best_of(lambda: sha256_mb_per_s(shard_dir))
         memory = large_shard_memory(build_shards(args.corpus, args.lines, work_dir, per_shard=args.lines), tokenizer)
         sizes = {"corpus_head_bytes": os.path.getsize(work_dir / f"head{args.lines}.txt"),
                  "tar_bytes": shard_bytes(shard_dir), "tar_gz_bytes": shard_bytes(gz_dir)}
@@ -257,6 +269,10 @@ def main() -> int:
         "tar_read_only_samples_per_s": round(read_rate, 1),
         "tar_read_verified_samples_per_s": round(verified_rate, 1),
         "sha256_cost_fraction_of_read": round(1 - verified_rate / read_rate, 3),
+        "sha256_mb_per_s": round(sha_rate, 1),
+        # hashing time per sample over stream time per sample: the verification's share of the stream
+        "sha256_share_of_stream_time": round(
+            sizes["tar_bytes"] / 2**20 / sha_rate / (stream_stats["samples"] / stream_stats["samples_per_s"]), 4),
         "gzip_shards": {"stream_samples_per_s": round(gz_stats["samples_per_s"], 1),
                         "read_only_samples_per_s": round(gz_read_rate, 1),
                         "read_verified_samples_per_s": round(gz_verified_rate, 1), **sizes},
