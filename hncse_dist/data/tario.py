@@ -231,6 +231,11 @@ class ShardReader:
                 f"corrupt shard {self.path}: it holds more than the {self.count} samples manifest.json "
                 "lists. Fix: rebuild it with `hncse-dist shards` (or re-index foreign shards)"
             )
+        if self.count is not None and self.position < self.count:
+            raise ShardError(
+                f"shard {self.path} ended after {self.position} samples, manifest.json says {self.count}; "
+                "it is truncated or corrupt (rebuild it with `hncse-dist shards`)"
+            )
         self._file.drain()
         self.finished = True
         digest = self._file.sha256.hexdigest()
