@@ -49,6 +49,11 @@ class TrainConfig(ObjectiveConfig):
     num_epochs: int = 1
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
+    # GradCache (hncse_dist/gradcache.py): encode the 2 x batch_size sequences in chunks of this
+    # many without autograd, take the loss over the whole batch, then re-encode each chunk with
+    # the same dropout masks to backpropagate. Same gradients, activation memory of one chunk,
+    # ~1.3x the step time. 0: off.
+    cache_chunk_size: int = 0
     mixed_precision: str = "no"  # no | bf16 | fp16
     seed: int = 42
     # negative bank
@@ -94,6 +99,11 @@ class TrainConfig(ObjectiveConfig):
         for name in ("batch_size", "max_seq_length", "gradient_accumulation_steps", "num_epochs", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.cache_chunk_size < 0:
+            raise ConfigError(f"cache_chunk_size must be >= 0 (0: off), got {self.cache_chunk_size}")
+        if self.cache_chunk_size and self.deepspeed is not None:
+            raise ConfigError("cache_chunk_size works with DDP only (DeepSpeed reduces each chunk's gradients "
+                              "itself): set cache_chunk_size=0 or drop deepspeed=")
         if self.deepspeed is not None and not Path(self.deepspeed).is_file():
             raise ConfigError(f"deepspeed={self.deepspeed} not found: use one of ds_configs/zero{{1,2,3}}.json")
         if self.mixed_precision == "fp32":

@@ -21,6 +21,7 @@ from .checkpoint import Checkpointer
 from .config import ConfigError, TrainConfig
 from .encoder import Encoder
 from .gather import all_ranks_agree
+from .gradcache import cached_contrastive_step
 from .objective import alignment, hncse_loss, uniformity
 
 REQUEUE_EXIT_CODE = 75  # "checkpointed after a preemption signal: requeue me" (EX_TEMPFAIL)
@@ -229,9 +230,15 @@ def train(cfg: TrainConfig) -> int:
             mask = batch["attention_mask"].to(acc.device)
             with acc.accumulate(model):
                 use_bank = state["step"] >= cfg.bank_warmup_steps
-                loss, z1, z2, to_push, stats = contrastive_step(
-                    model, ids, mask, cfg.objective, obj_cfg, bank, hnm_gen, read_bank=use_bank, packing=packing
-                )
+                if cfg.cache_chunk_size:  # GradCache: same loss, activations of one chunk (gradcache.py)
+                    loss, z1, z2, to_push, stats = cached_contrastive_step(
+                        model, ids, mask, cfg.objective, obj_cfg, bank, hnm_gen, read_bank=use_bank,
+                        chunk_size=cfg.cache_chunk_size, packing_for=encoder.packing_for,
+                        cpu_mask=batch["attention_mask"])
+                else:
+                    loss, z1, z2, to_push, stats = contrastive_step(
+                        model, ids, mask, cfg.objective, obj_cfg, bank, hnm_gen, read_bank=use_bank, packing=packing
+                    )
                 skip = cfg.skip_nonfinite and all_ranks_agree(not bool(torch.isfinite(loss)), acc.device)
                 if skip:
                     acc.print(f"step {state['step']}: non-finite loss on some rank, step skipped on all ranks")
