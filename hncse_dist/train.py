@@ -212,6 +212,8 @@ def train(cfg: TrainConfig) -> int:
         (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
     acc.print(f"world size {world_size} | global batch {cfg.batch_size * world_size} | "
               f"{steps} steps | objective {cfg.objective} | device {acc.device}")
+    if cfg.cache_chunk_size:
+        acc.print(f"GradCache: each rank's {2 * cfg.batch_size} sequences are encoded in chunks of {cfg.cache_chunk_size}")
     obj_cfg = cfg.objective_config()
     bar = None
     if cfg.progress and acc.is_main_process and sys.stderr.isatty():  # no bar spam in batch logs

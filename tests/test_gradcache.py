@@ -63,7 +63,8 @@ def test_cache_chunk_size_is_refused_with_exit_2(tmp_path, tiny_bert, corpus):
 @pytest.mark.slow
 def test_two_process_cached_training_has_the_uncached_loss_curve(tmp_path, tiny_bert, corpus):
     """fp32, dropout off (the masks of one forward over 2N and of chunks differ by design):
-    4 HNCSE steps with a filling bank, 2 processes, chunks of 5 of the 16 sequences per rank.
+    4 HNCSE steps of 2 accumulated micro-steps with a filling bank, 2 processes, chunks of 5 of
+    the 16 sequences per rank.
     The avg pooler: a random-init BERT's [CLS] vectors are nearly parallel, so HNM's top-k
     would be decided by fp32 rounding of the encoder (which differs with the chunk shapes)."""
     no_dropout = tmp_path / "tiny_no_dropout"
@@ -76,8 +77,11 @@ def test_two_process_cached_training_has_the_uncached_loss_curve(tmp_path, tiny_
     curves = {}
     for name, extra in (("plain", []), ("cached", ["cache_chunk_size=5"])):
         out = tmp_path / name
-        args = common(str(no_dropout), corpus, out, save_every=0, eval_file="null", stats_every=1, pooler="avg")
-        run_cli(["train", "--nproc-per-node", "2", *args, *extra], timeout=300)
+        args = common(str(no_dropout), corpus, out, save_every=0, eval_file="null", stats_every=1, pooler="avg",
+                      gradient_accumulation_steps=2)
+        proc = run_cli(["train", "--nproc-per-node", "2", *args, *extra], timeout=300)
+        line = "GradCache: each rank's 16 sequences are encoded in chunks of 5"
+        assert (line in proc.stdout + proc.stderr) == (name == "cached")
         lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
         curves[name] = [l for l in lines if "loss" in l]
     plain, cached = curves["plain"], curves["cached"]
