@@ -6,7 +6,9 @@ forward (with and without gradient checkpointing) and the model's own forward:
   dropout off: cached == the uncached full-batch step (contrastive_step) and its loss/stats/push;
   dropout on:  cached == the same chunks encoded WITH gradient for the whole batch from the same
                RNG state (the replay is exact), and cached without the RNG replay differs.
-A counting DDP comm hook checks that a cached step all-reduces each gradient bucket once.
+Also with every chunk re-encoded (keep_last=False) and, dropout off, with one chunk for the
+whole batch. A counting DDP comm hook checks that a cached step all-reduces each gradient
+bucket once.
 Rank 0 writes the worst error over ranks of every case to a JSON report.
 """
 
@@ -136,6 +138,18 @@ def main():
                     "ref_allreduce_calls": ref_calls,
                 }
                 ddp.zero_grad(set_to_none=True)
+                # every chunk re-encoded (no graph kept); one chunk for the whole batch (nothing re-encoded)
+                for tag, kw in (("no_keep", dict(chunk_size=CHUNK, keep_last=False)), ("one_chunk", dict(chunk_size=2 * N_LOCAL))):
+                    if dropout and tag == "one_chunk":
+                        continue  # one chunk draws the masks of the uncached forward, not of the 5-row chunks
+                    gen = seed_all(rank)
+                    calls["n"] = 0
+                    alt = cached_contrastive_step(ddp, ids, mask, objective, obj_cfg, bank, gen,
+                                                  packing_for=enc.packing_for, **kw)
+                    alt[0].backward()
+                    res[f"grad_rel_err_{tag}"] = rel_err(grads(ddp), ref_grads)
+                    res[f"allreduce_calls_{tag}"] = calls["n"]
+                    ddp.zero_grad(set_to_none=True)
                 if dropout:
                     gen = seed_all(rank)
                     bad = cached_contrastive_step(ddp, ids, mask, objective, obj_cfg, bank, gen, chunk_size=CHUNK,
