@@ -52,7 +52,7 @@ class TrainConfig(ObjectiveConfig):
     # GradCache (hncse_dist/gradcache.py): encode the 2 x batch_size sequences in chunks of this
     # many without autograd, take the loss over the whole batch, then re-encode each chunk with
     # the same dropout masks to backpropagate. Same gradients, activation memory of one chunk,
-    # ~1.3x the step time. 0: off.
+    # one more forward of all chunks but the last (BENCHMARKS.md). 0: off.
     cache_chunk_size: int = 0
     mixed_precision: str = "no"  # no | bf16 | fp16
     seed: int = 42
