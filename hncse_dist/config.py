@@ -50,7 +50,7 @@ class TrainConfig(ObjectiveConfig):
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
     # GradCache (hncse_dist/gradcache.py): encode the 2 x batch_size sequences in chunks of this
-    # many without autograd, take the loss over the whole batch, then re-encode each chunk with
+    # many without autograd, take the loss over the whole batch, then re-encode the chunks with
     # the same dropout masks to backpropagate. Same gradients, activation memory of one chunk,
     # one more forward of all chunks but the last (BENCHMARKS.md). 0: off.
     cache_chunk_size: int = 0
