@@ -67,6 +67,11 @@ class TrainConfig(ObjectiveConfig):
     num_epochs: int = 1
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
+    # GradCache (hncse_dist/gradcache.py): encode the 2 x batch_size sequences in chunks of this
+    # many without autograd, take the loss over the whole batch, then re-encode the chunks with
+    # the same dropout masks to backpropagate. Same gradients, activation memory of one chunk,
+    # one more forward of all chunks but the last (BENCHMARKS.md). 0: off.
+    cache_chunk_size: int = 0
     mixed_precision: str = "no"  # no | bf16 | fp16
     seed: int = 42
     # negative bank
@@ -127,6 +132,9 @@ class TrainConfig(ObjectiveConfig):
             parse_report_to(self.report_to)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+        if self.cache_chunk_size and self.deepspeed is not None:
+            raise ConfigError("cache_chunk_size works with DDP only (DeepSpeed reduces each chunk's gradients "
+                              "itself): set cache_chunk_size=0 or drop deepspeed=")
         if self.deepspeed is not None and not Path(self.deepspeed).is_file():
             raise ConfigError(f"deepspeed={self.deepspeed} not found: use one of ds_configs/zero{{1,2,3}}.json")
         if self.mixed_precision == "fp32":
@@ -356,6 +364,7 @@ RANGES: dict[str, Range] = {
     "keep_last": Range(0, note="0: keep every checkpoint"),
     "max_nonfinite_skips": Range(0, note="0: never stop on non-finite losses"),
     "peak_flops": Range(0, integer=False, note="0: datasheet figure for known GPUs, measured on CPU"),
+    "cache_chunk_size": Range(0, note="0: off"),
     "dropout": Range(0, 1, hi_open=True, integer=False, null="the model's own dropout"),
 }
 

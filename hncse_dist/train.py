@@ -23,6 +23,7 @@ from .encoder import Encoder, ModelSetupError, require_dropout
 from .gather import all_ranks_agree
 from .metrics import (STSB_DEV_KEY, FlopsModel, MetricsLog, hparams_of, memory_gb, parse_report_to, peak_flops,
                       progress_line, steady_rate)
+from .gradcache import cached_contrastive_step
 from .objective import HncseLoss, ObjectiveConfig, alignment, uniformity
 from .rundir import refuse_foreign_run
 from .runlock import claim_output_dir, drop_records_after
@@ -251,6 +252,8 @@ def train(cfg: TrainConfig) -> int:
     acc.print(f"world size {world_size} | global batch {cfg.batch_size * world_size} | "
               f"{steps} steps | objective {cfg.objective} | device {acc.device}")
     loss_fn = HncseLoss(cfg.objective_config())
+    if cfg.cache_chunk_size:
+        acc.print(f"GradCache: each rank's {2 * cfg.batch_size} sequences are encoded in chunks of {cfg.cache_chunk_size}")
     bar = None
     if cfg.progress and acc.is_main_process and sys.stderr.isatty():  # no bar spam in batch logs
         from tqdm.auto import tqdm
@@ -274,9 +277,15 @@ def train(cfg: TrainConfig) -> int:
             mask = batch["attention_mask"].to(acc.device)
             with acc.accumulate(model):
                 use_bank = state["step"] >= cfg.bank_warmup_steps
-                loss, z1, z2, to_push, stats = contrastive_step(
-                    model, ids, mask, loss_fn, bank, hnm_gen, read_bank=use_bank, packing=packing
-                )
+                if cfg.cache_chunk_size:  # GradCache: same loss, activations of one chunk (gradcache.py)
+                    loss, z1, z2, to_push, stats = cached_contrastive_step(
+                        model, ids, mask, loss_fn, bank, hnm_gen, read_bank=use_bank,
+                        chunk_size=cfg.cache_chunk_size, packing_for=encoder.packing_for,
+                        cpu_mask=batch["attention_mask"])
+                else:
+                    loss, z1, z2, to_push, stats = contrastive_step(
+                        model, ids, mask, loss_fn, bank, hnm_gen, read_bank=use_bank, packing=packing
+                    )
                 skip = cfg.skip_nonfinite and all_ranks_agree(not bool(torch.isfinite(loss)), acc.device)
                 if skip:
                     optimizer.zero_grad(set_to_none=True)
