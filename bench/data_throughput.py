@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from hncse_dist.data import ShardStream, load_manifest, write_shards  # noqa: E402
 from hncse_dist.data.tario import ShardReader  # noqa: E402
 from hncse_dist.encoder import Encoder  # noqa: E402
-from hncse_dist.objective import ObjectiveConfig  # noqa: E402
+from hncse_dist.objective import HncseLoss, ObjectiveConfig  # noqa: E402
 from hncse_dist.train import contrastive_step  # noqa: E402
 
 BATCH_SIZE = 64
@@ -202,8 +202,8 @@ def simcse_step(model, optimizer, batch) -> float:
     """The product's SimCSE step at its fastest on CPU (train.py's loop body): one padding-free
     forward over both dropout views under bf16 autocast, InfoNCE, backward, fused AdamW."""
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, *_ = contrastive_step(model, batch["input_ids"], batch["attention_mask"], "simcse",
-                                    ObjectiveConfig(temperature=TEMPERATURE))
+        loss, *_ = contrastive_step(model, batch["input_ids"], batch["attention_mask"],
+                                    HncseLoss(ObjectiveConfig(objective="simcse", temperature=TEMPERATURE)))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

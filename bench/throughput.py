@@ -83,7 +83,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from hncse_dist.bank import NegativeBank, sentence_keys  # noqa: E402
 from hncse_dist.encoder import Encoder  # noqa: E402
-from hncse_dist.objective import OBJECTIVES, ObjectiveConfig, hncse_loss  # noqa: E402
+from hncse_dist.objective import OBJECTIVES, HncseLoss, ObjectiveConfig, hncse_loss  # noqa: E402
 from hncse_dist.train import contrastive_step  # noqa: E402
 
 BATCH_SIZE = 64
@@ -262,7 +262,7 @@ def make_hncse_step(setup: ModelSetup, objective: str, precision: str,
     replaces train.py's AdamW and ``packed=False`` the padding-free forward, for the ablations."""
     packed = packed and setup.encoder.packed
     forward = AcceleratedForward(setup.encoder, precision)
-    obj_cfg = ObjectiveConfig(temperature=TEMPERATURE)
+    loss_fn = HncseLoss(ObjectiveConfig(objective=objective, temperature=TEMPERATURE))
     # train.py keeps a bank only for the objectives that read it.
     bank = NegativeBank(BANK_BATCHES if objective in ("hnm", "hncse") else 0)
     for z, keys in setup.bank_fill:
@@ -274,7 +274,7 @@ def make_hncse_step(setup: ModelSetup, objective: str, precision: str,
         forward.clock = clock
         model.packed = packed  # the variants share one encoder
         with clock.phase("forward+objective"):
-            loss, z1, z2, to_push, stats = contrastive_step(forward, ids, mask, objective, obj_cfg, bank, generator)
+            loss, z1, z2, to_push, stats = contrastive_step(forward, ids, mask, loss_fn, bank, generator)
         if not bool(torch.isfinite(loss)):  # train.py's skip_nonfinite check
             raise FloatingPointError(f"non-finite loss in {objective}")
         timed_update(clock, loss, model, opt)

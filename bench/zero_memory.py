@@ -300,7 +300,7 @@ def worker(args: argparse.Namespace) -> None:
     from accelerate.utils import set_seed
 
     from hncse_dist.config import TrainConfig
-    from hncse_dist.objective import ObjectiveConfig
+    from hncse_dist.objective import HncseLoss, ObjectiveConfig
     from hncse_dist.train import contrastive_step, make_accelerator
 
     ds_config = DS_CONFIGS[args.variant]
@@ -357,7 +357,7 @@ def worker(args: argparse.Namespace) -> None:
     for step in range(args.steps):
         snapshots.clear()
         start = time.perf_counter()
-        loss, *_ = contrastive_step(model, ids, mask, "simcse", ObjectiveConfig())
+        loss, *_ = contrastive_step(model, ids, mask, HncseLoss(ObjectiveConfig(objective="simcse")))
         acc.backward(loss)
         snapshot("after_backward")  # under DeepSpeed this is already after the step
         optimizer.step()
