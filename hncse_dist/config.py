@@ -6,7 +6,7 @@ import difflib
 import math
 import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +99,6 @@ class TrainConfig(ObjectiveConfig):
     max_nonfinite_skips: int = 20  # stop (exit 1) after this many consecutive skipped steps
     progress: bool = True  # a progress bar on a terminal; without one, a line every log_every steps
     peak_flops: float = 0.0  # per-device peak FLOP/s for MFU (0: datasheet for known GPUs, measured on CPU)
-    extra: dict = field(default_factory=dict, repr=False)
 
     def objective_config(self) -> ObjectiveConfig:
         return ObjectiveConfig(**{f.name: getattr(self, f.name) for f in fields(ObjectiveConfig)})
@@ -148,7 +147,7 @@ class TrainConfig(ObjectiveConfig):
         return self
 
 
-CONFIG_KEYS = tuple(f.name for f in fields(TrainConfig) if f.name != "extra")
+CONFIG_KEYS = tuple(f.name for f in fields(TrainConfig))
 
 
 def _field_types() -> dict[str, str]:

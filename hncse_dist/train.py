@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -31,6 +31,20 @@ from .runlock import claim_output_dir, drop_records_after
 REQUEUE_EXIT_CODE = 75  # "checkpointed after a preemption signal: requeue me" (EX_TEMPFAIL)
 INTERRUPT_EXIT_CODE = 130  # checkpointed after Ctrl-C (the shell's code for SIGINT)
 PACKAGED_STSB_DEV = Path(__file__).parent / "resources" / "sts-dev.csv"
+
+
+@dataclass
+class TrainState:
+    """What the loop itself carries across a checkpoint."""
+
+    step: int = 0  # optimizer steps taken
+    best_dev: float = float("-inf")  # best STS-B dev Spearman so far (selects best/)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "best_dev": self.best_dev}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.best_dev = int(state["step"]), float(state["best_dev"])
 
 
 class TrainingDiverged(RuntimeError):
@@ -222,24 +236,24 @@ def train(cfg: TrainConfig) -> int:
     hnm_gen = torch.Generator(device=acc.device).manual_seed(cfg.seed * 1000 + rank)
     ckpt = Checkpointer(out_dir / "checkpoints", acc, keep_last=cfg.keep_last, run_id=run_id)
 
-    state = {"step": 0, "best_dev": float("-inf"), "micro_step": 0}
+    state = TrainState()
     if cfg.resume:
         resumed = ckpt.resolve(cfg.resume)
         if resumed is not None:
             extra = ckpt.load(resumed)
-            state.update(extra["trainer"])
+            state.load_state_dict(extra["trainer"])
             scheduler.load_state_dict(extra["scheduler"])
             bank.load_state_dict(extra["bank"], device=acc.device)
             stream.load_state_dict(extra["data"])
             hnm_gen.set_state(extra["generator"])
-            acc.print(f"resumed from {resumed} at step {state['step']}")
+            acc.print(f"resumed from {resumed} at step {state.step}")
         elif cfg.resume != "latest":
             raise ConfigError(f"resume={cfg.resume}: no complete checkpoint there")
         if acc.is_main_process:  # the steps after the checkpoint are logged again
-            drop_records_after(out_dir / "metrics.jsonl", state["step"])
+            drop_records_after(out_dir / "metrics.jsonl", state.step)
 
     def save(tag_step: int) -> Path:
-        return ckpt.save(tag_step, {"trainer": state, "scheduler": scheduler.state_dict(), "bank": bank.state_dict(),
+        return ckpt.save(tag_step, {"trainer": state.state_dict(), "scheduler": scheduler.state_dict(), "bank": bank.state_dict(),
                                     "data": stream.state_dict(), "generator": hnm_gen.get_state(),
                                     "param_digest": parameter_digest(model)})
 
@@ -258,14 +272,14 @@ def train(cfg: TrainConfig) -> int:
     if cfg.progress and acc.is_main_process and sys.stderr.isatty():  # no bar spam in batch logs
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=steps, initial=state["step"], desc="train", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
 
     exit_code = 0
     window_start, window_steps, window_stats = time.perf_counter(), 0, {}
     window_tokens, window_flops = 0, 0.0
     skips = NonFiniteSkips(cfg.max_nonfinite_skips, cfg.log_every)
     model.train()
-    while state["step"] < steps and exit_code == 0:
+    while state.step < steps and exit_code == 0:
         for batch in stream:
             # Index bookkeeping of the padding-free forward from the CPU mask: no GPU sync.
             packing = encoder.packing_for(batch["attention_mask"].repeat(2, 1), acc.device)
@@ -276,7 +290,7 @@ def train(cfg: TrainConfig) -> int:
             ids = batch["input_ids"].to(acc.device)
             mask = batch["attention_mask"].to(acc.device)
             with acc.accumulate(model):
-                use_bank = state["step"] >= cfg.bank_warmup_steps
+                use_bank = state.step >= cfg.bank_warmup_steps
                 if cfg.cache_chunk_size:  # GradCache: same loss, activations of one chunk (gradcache.py)
                     loss, z1, z2, to_push, stats = cached_contrastive_step(
                         model, ids, mask, loss_fn, bank, hnm_gen, read_bank=use_bank,
@@ -289,12 +303,12 @@ def train(cfg: TrainConfig) -> int:
                 skip = cfg.skip_nonfinite and all_ranks_agree(not bool(torch.isfinite(loss)), acc.device)
                 if skip:
                     optimizer.zero_grad(set_to_none=True)
-                    message = skips.skipped(state["step"])
+                    message = skips.skipped(state.step)
                     if message:
                         acc.print(message)
                     if all_ranks_agree(preempt.raised is not None, acc.device):
-                        save(state["step"])
-                        acc.print(f"{preempt.describe()}: checkpoint at step {state['step']} written, "
+                        save(state.step)
+                        acc.print(f"{preempt.describe()}: checkpoint at step {state.step} written, "
                                   f"exiting {preempt.exit_code}")
                         exit_code = preempt.exit_code
                         break
@@ -308,16 +322,15 @@ def train(cfg: TrainConfig) -> int:
                 optimizer.zero_grad(set_to_none=True)
             if to_push is not None:
                 bank.push(*to_push)
-            state["micro_step"] += 1
             for k, v in stats.items():
                 window_stats[k] = window_stats.get(k, 0.0) + v
             window_stats["loss"] = window_stats.get("loss", 0.0) + loss.detach()
             if not acc.sync_gradients:
                 continue
             scheduler.step()
-            state["step"] += 1
+            state.step += 1
             window_steps += 1
-            step = state["step"]
+            step = state.step
             if bar is not None:
                 bar.update(1)
 
@@ -440,8 +453,8 @@ def maybe_eval(cfg, acc, model, state, log, out_dir: Path, step: int, save=None)
         return
     log.log(step, {STSB_DEV_KEY: score})
     acc.print(f"step {step}: STS-B dev Spearman {score:.2f}")
-    if score > state["best_dev"]:
-        state["best_dev"] = score
+    if score > state.best_dev:
+        state.best_dev = score
         if cfg.save_best:
             export(acc, model, out_dir / "best")
 
@@ -466,7 +479,7 @@ def export(acc, model, out_dir: Path) -> None:
     acc.wait_for_everyone()
 
 
-def write_summary(cfg: TrainConfig, out_dir: Path, state: dict, steps: int, world_size: int) -> dict | None:
+def write_summary(cfg: TrainConfig, out_dir: Path, state: TrainState, steps: int, world_size: int) -> dict | None:
     if int(os.environ.get("RANK", "0")) != 0:
         return None
     with open(out_dir / "metrics.jsonl") as f:
@@ -479,7 +492,7 @@ def write_summary(cfg: TrainConfig, out_dir: Path, state: dict, steps: int, worl
         "tokens_per_s": steady_rate(records, "tokens_per_s"),
         "mfu": steady_rate(records, "mfu"),
         "final_loss": records[-1]["loss"] if records else None,
-        "best_stsb_dev": state["best_dev"] if math.isfinite(state["best_dev"]) else None,
+        "best_stsb_dev": state.best_dev if math.isfinite(state.best_dev) else None,
         "config": asdict(cfg),
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
