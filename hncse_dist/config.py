@@ -66,6 +66,9 @@ class TrainConfig(ObjectiveConfig):
     save_best: bool = True  # export the best STS-B dev model to output_dir/best
     resume: str | None = None  # "latest" or a checkpoint folder
     deepspeed: str | None = None  # ds_configs/zero2.json etc.
+    # Process-group timeout (every launch path, gloo and NCCL): a collective or the rendezvous
+    # store waiting longer than this fails the rank instead of hanging the job.
+    dist_timeout_minutes: float = 30.0
     skip_nonfinite: bool = True  # skip a step whose loss is NaN/inf on any rank
     progress: bool = True
     extra: dict = field(default_factory=dict, repr=False)
@@ -91,6 +94,8 @@ class TrainConfig(ObjectiveConfig):
                 f"train_shards={self.train_shards} has no manifest.json: write shards with "
                 "'hncse-dist shards --input FILE --output DIR'"
             )
+        if self.dist_timeout_minutes <= 0:
+            raise ConfigError(f"dist_timeout_minutes must be > 0, got {self.dist_timeout_minutes}")
         for name in ("batch_size", "max_seq_length", "gradient_accumulation_steps", "num_epochs", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -44,9 +44,12 @@ def make_accelerator(cfg: TrainConfig):
     from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, InitProcessGroupKwargs
     from datetime import timedelta
 
+    from .launch_env import setup_launch_env
+
+    setup_launch_env()  # srun-native launch: RANK/WORLD_SIZE/... from SLURM_* (hncse_dist/launch_env.py)
     on_gpu = torch.cuda.is_available()
     # Without an explicit backend, DeepSpeed on CPU leaves every rank believing it is alone.
-    pg = InitProcessGroupKwargs(backend="nccl" if on_gpu else "gloo", timeout=timedelta(minutes=30))
+    pg = InitProcessGroupKwargs(backend="nccl" if on_gpu else "gloo", timeout=timedelta(minutes=cfg.dist_timeout_minutes))
     expected = int(os.environ.get("WORLD_SIZE", "1"))
     kwargs = dict(
         mixed_precision=cfg.mixed_precision,

@@ -290,5 +290,5 @@ def test_unavailable_slurm_skips_locally_and_fails_under_ci(monkeypatch, ci: str
     monkeypatch.setattr(sc.SlurmCluster, "stop", lambda self: None)
     monkeypatch.setenv("CI", ci)
     expected = pytest.fail.Exception if ci else pytest.skip.Exception
-    with pytest.raises(expected, match="single-node Slurm unavailable: installing it needs root"):
+    with pytest.raises(expected, match="Slurm test cluster unavailable: installing it needs root"):
         next(sc.slurm_cluster_or_skip())
