@@ -81,3 +81,16 @@ def setup_launch_env() -> None:
         raise ConfigError(str(err)) from None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         print(f"[launch] {describe(launcher=launcher)}", file=sys.stderr, flush=True)
+
+
+def run_topology(world_size: int) -> dict:
+    """What ran: nodes, processes per node and the device type (for summary.json and the
+    scaling report)."""
+    import torch
+
+    nodes = os.environ.get("SLURM_STEP_NUM_NODES") or os.environ.get("SLURM_NNODES")
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size) or world_size)
+    nodes = int(nodes) if nodes else max(1, world_size // max(1, local))
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return {"nodes": nodes, "procs_per_node": world_size // nodes if world_size % nodes == 0 else None,
+            "device": device}

@@ -375,4 +375,7 @@ def write_summary(cfg: TrainConfig, out_dir: Path, state: dict, steps: int, worl
         "best_stsb_dev": state["best_dev"] if math.isfinite(state["best_dev"]) else None,
         "config": asdict(cfg),
     }
+    from .launch_env import run_topology
+
+    summary.update(run_topology(world_size))  # nodes, procs_per_node, device
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
