@@ -200,7 +200,7 @@ def add_scaling_efficiency(runs: list[RunResult]) -> RunResult | None:
 def _fmt(value, digits: int) -> str:
     if value is None:
         return "–"
-    if isinstance(value, int):
+    if isinstance(value, (int, str)):
         return str(value)
     return f"{value:.{digits}f}"
 
