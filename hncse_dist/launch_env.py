@@ -46,7 +46,8 @@ def slurm_launch_env(environ: MutableMapping[str, str] | None = None) -> str | N
     missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not env.get(k)]
     if missing:
         raise LaunchEnvError(
-            f"srun started {world} tasks but {' and '.join(missing)} is not set: export the first "
+            f"srun started {world} tasks but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+            "not set: export the first "
             "node's address and a free port before srun (slurm/train.sbatch does), or launch with torchrun"
         )
     env["RANK"] = env["SLURM_PROCID"]
