@@ -42,8 +42,9 @@ def two_nodes(cluster: SlurmCluster, name: str) -> tuple[str, ...]:
 
 
 def overrides(tiny_bert: str, corpus: str, out: Path, **extra) -> list[str]:
+    # num_workers=0: the configuration whose resume is bit-exact (tests/test_resume.py).
     return train_overrides(tiny_bert, corpus, max_steps=MAX_STEPS, save_every=0, eval_file="null",
-                           output_dir=out, **extra)
+                           num_workers=0, output_dir=out, **extra)
 
 
 def losses(out: Path) -> list[float]:
@@ -251,7 +252,7 @@ def test_a_killed_rank_ends_the_job_on_every_node(slurm_cluster: SlurmCluster, t
     job fails naming rank and node, and is not requeued (a crash is not a preemption)."""
     out = tmp_path / "run"
     job_id = slurm_cluster.sbatch(TRAIN_SBATCH, *train_overrides(tiny_bert, corpus, max_steps=100000,
-                                                                 eval_file="null", output_dir=out),
+                                                                 eval_file="null", num_workers=0, output_dir=out),
                                   sbatch_options=two_nodes(slurm_cluster, "mn-kill"), env=job_env(2), cwd=tmp_path)
     wait_training(slurm_cluster, tmp_path, job_id, out)
     ranks = launches(job_log(tmp_path, job_id))
