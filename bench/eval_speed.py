@@ -148,7 +148,9 @@ def ours_pairs(data_dir: Path, recorder: RecordingEncoder) -> tuple[dict, dict]:
 
 
 def default_data_dir() -> Path:
-    return Path(os.environ.get("HNCSE_DATA_DIR") or REPO_ROOT.parent / "shared" / "data")
+    from tests.datadir import data_root
+
+    return data_root()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 TASKS = ["STS12", "STS13", "STS14", "STS15", "STS16", "STSBenchmark", "SICKRelatedness"]
 SWEEP = {  # factor -> candidate overrides (the first is the default)
     "pm_w": [{"pm_w1": 0.8, "pm_w2": 0.2}, {"pm_w1": 0.6, "pm_w2": 0.4}, {"pm_w1": 0.9, "pm_w2": 0.1}],
@@ -38,7 +39,9 @@ SWEEP = {  # factor -> candidate overrides (the first is the default)
 
 
 def data_dir() -> Path:
-    d = Path(os.environ.get("HNCSE_DATA_DIR", REPO.parent / "shared" / "data"))
+    from tests.datadir import data_root
+
+    d = data_root()
     if not (d / "corpus" / "wiki_en_sentences.txt").is_file():
         sys.exit(f"no corpus under {d}: set HNCSE_DATA_DIR to the folder holding corpus/ and sts/")
     return d

@@ -11,14 +11,18 @@ Train a sentence encoder with SimCSE / HNCSE.
 
   hncse-dist train --config configs/quickstart.yaml
   hncse-dist train --config configs/quickstart.yaml objective=simcse max_steps=100
-  hncse-dist train --config configs/quickstart.yaml --nproc-per-node 2      # 2 processes (torchrun)
+  hncse-dist train --config configs/quickstart.yaml --nproc-per-node 2      # 2 local processes
   hncse-dist train --config configs/bert-base-unsup.yaml deepspeed=ds_configs/zero2.json
   hncse-dist train --config configs/quickstart.yaml resume=latest           # continue a run
 
 Any config key can be overridden as key=value (YAML syntax: 1e-5, true, null).
 Objectives: simcse | pm (positive mixing) | hnm (hard negative mixing) | hncse (both).
 Every key with its default and meaning, as a YAML config: hncse-dist train --help-config > my.yaml
-Exit codes: 0 done, 2 bad configuration, 75 checkpointed after SIGTERM/SIGUSR1 (requeue).
+Signals: SIGTERM / SIGUSR1 (Slurm's warnings) and Ctrl-C checkpoint at the end of the current
+step, then exit; a second Ctrl-C exits at once. With --nproc-per-node they are forwarded to
+every rank, and the ranks die with the launcher.
+Exit codes: 0 done, 1 failed (e.g. the loss stayed non-finite), 2 bad configuration,
+75 checkpointed after SIGTERM/SIGUSR1 (requeue), 130 checkpointed after Ctrl-C.
 """
 
 
@@ -28,7 +32,7 @@ def _train(argv: list[str]) -> int:
     )
     parser.add_argument("--config", help="YAML config file (keys as in --help-config)")
     parser.add_argument("--nproc-per-node", type=int, default=0,
-                        help="start N local processes with torchrun (CPU: gloo, GPU: one per device)")
+                        help="start N local processes, one per rank (CPU: gloo, GPU: one per device)")
     parser.add_argument("--help-config", action="store_true",
                         help="print every config key with its default and meaning, as a YAML config to start from")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
@@ -44,14 +48,22 @@ def _train(argv: list[str]) -> int:
         print(f"hncse-dist train: error: {err}", file=sys.stderr)
         return 2
     if args.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
-        return _relaunch_with_torchrun(args.nproc_per_node, argv)
-    from .train import train
+        from .launcher import launch
+
+        return launch(args.nproc_per_node, argv)
+    from .train import TrainingDiverged, train
 
     try:
         code = train(cfg)
     except ConfigError as err:
         print(f"hncse-dist train: error: {err}", file=sys.stderr)
         return 2
+    except TrainingDiverged as err:
+        print(f"hncse-dist train: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # a second Ctrl-C while the first one's checkpoint was pending
+        print("hncse-dist train: interrupted", file=sys.stderr)
+        return 130
     if cfg.deepspeed:
         # Everything is written and every rank has passed the final barrier. DeepSpeed's CPU
         # communication threads can abort the interpreter's teardown ("terminate called
@@ -60,25 +72,6 @@ def _train(argv: list[str]) -> int:
         sys.stderr.flush()
         os._exit(code)
     return code
-
-
-def _relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
-    import subprocess
-
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_port", str(_free_port()),
-           "-m", "hncse_dist.cli", "train", *argv]
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    return subprocess.call(cmd, env=env)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _export(argv: list[str]) -> int:
@@ -117,8 +110,20 @@ def _lazy(module: str, func: str, argv: list[str]) -> int:
     return getattr(importlib.import_module(module), func)(argv)
 
 
+def _quiet_deepspeed_probe() -> None:
+    """DeepSpeed warns "Setting accelerator to CPU" whenever it is imported on a machine without
+    a GPU, DeepSpeed in use or not; naming the accelerator it would pick anyway keeps logs clean."""
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("train", "eval", "export"):
+        _quiet_deepspeed_probe()
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print("usage: hncse-dist COMMAND [args]  (hncse-dist COMMAND --help for more)\n")
         for name, (desc, _) in COMMANDS.items():

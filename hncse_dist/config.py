@@ -57,6 +57,8 @@ class TrainConfig(ObjectiveConfig):
     # loop, logging, evaluation, checkpoints
     output_dir: str = "runs/hncse"
     log_every: int = 10
+    report_to: str = "tensorboard"  # tensorboard | wandb | mlflow | none, comma-separated for several
+    run_name: str | None = None  # the run's name in wandb / mlflow (default: output_dir's folder name)
     stats_every: int = 50  # alignment / uniformity
     eval_every: int = 125  # STS-B dev every N steps (0: only at the end)
     eval_file: str | None = "packaged"  # STS-B dev csv; "packaged" = the copy shipped in the package
@@ -65,12 +67,15 @@ class TrainConfig(ObjectiveConfig):
     keep_last: int = 2
     save_best: bool = True  # export the best STS-B dev model to output_dir/best
     resume: str | None = None  # "latest" or a checkpoint folder
+    overwrite: bool = False  # replace the run already in output_dir (without it, such a folder is refused)
     deepspeed: str | None = None  # ds_configs/zero2.json etc.
     # Process-group timeout (every launch path, gloo and NCCL): a collective or the rendezvous
     # store waiting longer than this fails the rank instead of hanging the job.
     dist_timeout_minutes: float = 30.0
     skip_nonfinite: bool = True  # skip a step whose loss is NaN/inf on any rank
-    progress: bool = True
+    max_nonfinite_skips: int = 20  # stop (exit 1) after this many consecutive skipped steps
+    progress: bool = True  # a progress bar on a terminal; without one, a line every log_every steps
+    peak_flops: float = 0.0  # per-device peak FLOP/s for MFU (0: datasheet for known GPUs, measured on CPU)
     extra: dict = field(default_factory=dict, repr=False)
 
     def objective_config(self) -> ObjectiveConfig:
@@ -99,6 +104,12 @@ class TrainConfig(ObjectiveConfig):
         for name in ("batch_size", "max_seq_length", "gradient_accumulation_steps", "num_epochs", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        try:
+            from .metrics import parse_report_to
+
+            parse_report_to(self.report_to)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         if self.deepspeed is not None and not Path(self.deepspeed).is_file():
             raise ConfigError(f"deepspeed={self.deepspeed} not found: use one of ds_configs/zero{{1,2,3}}.json")
         if self.mixed_precision == "fp32":

@@ -19,10 +19,15 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+# torch 2.13 renamed the flat all-gather (the old name warns); older torch only has the old one.
+_ALL_GATHER_INTO = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_REDUCE_SCATTER_INTO = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def _all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     x = x.contiguous()
     out = torch.empty((dist.get_world_size() * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, x)
+    _ALL_GATHER_INTO(out, x)
     return out
 
 
@@ -32,7 +37,7 @@ def _reduce_scatter_sum(grad: torch.Tensor, rows: int) -> torch.Tensor:
     grad = grad.contiguous()
     if dist.get_backend() == "nccl":
         out = torch.empty((rows, *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
-        dist.reduce_scatter_tensor(out, grad)
+        _REDUCE_SCATTER_INTO(out, grad)
         return out
     # gloo has no reduce_scatter: an all_reduce moves W times more bytes, fine on CPU.
     dist.all_reduce(grad)

@@ -23,9 +23,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-STSB_KEY = "eval/stsb_dev_spearman"
-# Steps ignored when throughput has to be recomputed from metrics.jsonl (start-up, compilation).
-WARMUP_STEPS = 5
+from .metrics import STSB_DEV_KEY as STSB_KEY, steady_rate
 
 COLUMNS = (
     "run", "world_size", "global_batch", "steps", "sentences_per_s", "scaling_efficiency",
@@ -138,9 +136,7 @@ def load_run(run_dir: str | os.PathLike, name: str | None = None) -> RunResult:
 
     sentences_per_s = _number(summary.get("sentences_per_s"))
     if sentences_per_s is None:
-        rates = [_number(r.get("sentences_per_s")) for r in train_rows[WARMUP_STEPS:]]
-        rates = [r for r in rates if r is not None]
-        sentences_per_s = sum(rates) / len(rates) if rates else None
+        sentences_per_s = steady_rate(train_rows)
 
     best = _number(summary.get("best_stsb_dev"))
     if best is None and stsb_curve:

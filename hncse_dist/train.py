@@ -21,22 +21,42 @@ from .checkpoint import Checkpointer
 from .config import ConfigError, TrainConfig
 from .encoder import Encoder
 from .gather import all_ranks_agree
+from .metrics import (STSB_DEV_KEY, FlopsModel, MetricsLog, hparams_of, memory_gb, parse_report_to, peak_flops,
+                      progress_line, steady_rate)
 from .objective import alignment, hncse_loss, uniformity
+from .rundir import claim_output_dir
 
 REQUEUE_EXIT_CODE = 75  # "checkpointed after a preemption signal: requeue me" (EX_TEMPFAIL)
+INTERRUPT_EXIT_CODE = 130  # checkpointed after Ctrl-C (the shell's code for SIGINT)
 PACKAGED_STSB_DEV = Path(__file__).parent / "resources" / "sts-dev.csv"
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss stayed non-finite: stopping is better than skipping forever."""
+
+
 class PreemptionFlag:
-    """Set by SIGTERM / SIGUSR1 (Slurm's warning signals); acted on between steps."""
+    """Set by SIGTERM / SIGUSR1 (Slurm's warning signals) and SIGINT (Ctrl-C); acted on
+    between steps: checkpoint, then exit. A second SIGINT interrupts at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self) -> None:
         self.raised: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in self.SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.raised == signal.SIGINT:
+            raise KeyboardInterrupt
         self.raised = signum
+
+    @property
+    def exit_code(self) -> int:
+        return INTERRUPT_EXIT_CODE if self.raised == signal.SIGINT else REQUEUE_EXIT_CODE
+
+    def describe(self) -> str:
+        return "Ctrl-C" if self.raised == signal.SIGINT else "preemption signal"
 
 
 def make_accelerator(cfg: TrainConfig):
@@ -51,7 +71,10 @@ def make_accelerator(cfg: TrainConfig):
     # Without an explicit backend, DeepSpeed on CPU leaves every rank believing it is alone.
     pg = InitProcessGroupKwargs(backend="nccl" if on_gpu else "gloo", timeout=timedelta(minutes=cfg.dist_timeout_minutes))
     expected = int(os.environ.get("WORLD_SIZE", "1"))
+    trackers = [t for t in parse_report_to(cfg.report_to) if t != "tensorboard"]  # TensorBoard is written directly
     kwargs = dict(
+        log_with=trackers or None,
+        **({"project_dir": cfg.output_dir} if trackers else {}),
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         # Gradients as views of DDP's buckets: one copy of the gradients instead of two.
@@ -128,30 +151,6 @@ def total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
     return steps
 
 
-class MetricsLog:
-    """TensorBoard scalars and a metrics.jsonl on the main process; no-ops elsewhere."""
-
-    def __init__(self, out_dir: Path, enabled: bool):
-        self.enabled = enabled
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out_dir / "tb"))
-            self.jsonl = open(out_dir / "metrics.jsonl", "a", buffering=1)
-
-    def log(self, step: int, values: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        for k, v in values.items():
-            self.tb.add_scalar(k, v, step)
-        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
-
-    def close(self) -> None:
-        if self.enabled:
-            self.tb.close()
-            self.jsonl.close()
-
-
 def _eval_dev(cfg: TrainConfig, encoder: Encoder) -> float | None:
     from .eval.sts import dev_spearman
 
@@ -167,6 +166,8 @@ def train(cfg: TrainConfig) -> int:
     from transformers import get_linear_schedule_with_warmup
 
     cfg.validate()
+    claim_output_dir(Path(cfg.output_dir), json.loads(json.dumps(asdict(cfg), default=str)), cfg.resume,
+                     cfg.overwrite, is_main=int(os.environ.get("RANK", "0")) == 0)
     preempt = PreemptionFlag()
     acc = make_accelerator(cfg)
     rank, world_size = acc.process_index, acc.num_processes
@@ -181,6 +182,8 @@ def train(cfg: TrainConfig) -> int:
     stream = build_stream(cfg, encoder.tokenizer, acc)
     steps = total_steps(cfg, stream.batches_per_epoch)
 
+    flops_model = FlopsModel(encoder)
+    peak = peak_flops(acc.device, cfg.mixed_precision, cfg.peak_flops)
     # The fused kernel (CPU and CUDA) is ~4x faster than the per-tensor loop on MiniLM (bench/throughput.py).
     optimizer = torch.optim.AdamW(encoder.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                   fused=True)
@@ -209,7 +212,10 @@ def train(cfg: TrainConfig) -> int:
         ckpt.save(tag_step, {"trainer": state, "bank": bank.state_dict(), "data": stream.state_dict(),
                              "generator": hnm_gen.get_state(), "param_digest": parameter_digest(model)})
 
-    log = MetricsLog(out_dir, acc.is_main_process)
+    trackers = parse_report_to(cfg.report_to)
+    if any(t != "tensorboard" for t in trackers):
+        acc.init_trackers(cfg.run_name or out_dir.name, config=hparams_of(asdict(cfg)))
+    log = MetricsLog(out_dir, acc.is_main_process, trackers, acc)
     if acc.is_main_process:
         (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
     acc.print(f"world size {world_size} | global batch {cfg.batch_size * world_size} | "
@@ -223,11 +229,17 @@ def train(cfg: TrainConfig) -> int:
 
     exit_code = 0
     window_start, window_steps, window_stats = time.perf_counter(), 0, {}
+    window_tokens, window_flops = 0, 0.0
+    skips = NonFiniteSkips(cfg.max_nonfinite_skips, cfg.log_every)
     model.train()
     while state["step"] < steps and exit_code == 0:
         for batch in stream:
             # Index bookkeeping of the padding-free forward from the CPU mask: no GPU sync.
             packing = encoder.packing_for(batch["attention_mask"].repeat(2, 1), acc.device)
+            real_tokens = 2 * int(batch["attention_mask"].sum())  # a CPU tensor: no device sync
+            window_tokens += real_tokens
+            window_flops += flops_model.step(real_tokens, 2 * batch["attention_mask"].shape[0],
+                                             batch["attention_mask"].shape[1])
             ids = batch["input_ids"].to(acc.device)
             mask = batch["attention_mask"].to(acc.device)
             with acc.accumulate(model):
@@ -237,9 +249,18 @@ def train(cfg: TrainConfig) -> int:
                 )
                 skip = cfg.skip_nonfinite and all_ranks_agree(not bool(torch.isfinite(loss)), acc.device)
                 if skip:
-                    acc.print(f"step {state['step']}: non-finite loss on some rank, step skipped on all ranks")
                     optimizer.zero_grad(set_to_none=True)
+                    message = skips.skipped(state["step"])
+                    if message:
+                        acc.print(message)
+                    if all_ranks_agree(preempt.raised is not None, acc.device):
+                        save(state["step"])
+                        acc.print(f"{preempt.describe()}: checkpoint at step {state['step']} written, "
+                                  f"exiting {preempt.exit_code}")
+                        exit_code = preempt.exit_code
+                        break
                     continue
+                skips.reset()
                 acc.backward(loss)
                 grad_norm = None
                 if acc.sync_gradients and cfg.max_grad_norm > 0:
@@ -267,7 +288,12 @@ def train(cfg: TrainConfig) -> int:
                 values = {k: float(acc.reduce(v / micro, "mean")) for k, v in sorted(window_stats.items())}
                 values["lr"] = scheduler.get_last_lr()[0]
                 values["sentences_per_s"] = micro * cfg.batch_size * world_size / elapsed
+                values["tokens_per_s"] = window_tokens * world_size / elapsed
+                if peak:
+                    values["mfu"] = window_flops / elapsed / peak
+                values["memory_gb"] = memory_gb(acc.device)
                 values["bank/fill"] = bank.fill_fraction
+                values["nonfinite_skips"] = skips.total
                 if grad_norm is not None:
                     values["grad_norm"] = float(grad_norm)
                 if step % cfg.stats_every == 0:
@@ -277,7 +303,10 @@ def train(cfg: TrainConfig) -> int:
                 log.log(step, values)
                 if bar is not None:
                     bar.set_postfix(loss=f"{values['loss']:.4f}", sps=f"{values['sentences_per_s']:.0f}")
+                else:  # batch logs (sbatch, nohup): one plain line per window instead of a bar
+                    acc.print(progress_line(step, steps, values, (steps - step) * elapsed / window_steps))
                 window_start, window_steps, window_stats = time.perf_counter(), 0, {}
+                window_tokens, window_flops = 0, 0.0
 
             if (cfg.eval_every > 0 and step % cfg.eval_every == 0) or step == steps:
                 maybe_eval(cfg, acc, model, state, log, out_dir, step)
@@ -285,17 +314,20 @@ def train(cfg: TrainConfig) -> int:
             if stop or (cfg.save_every > 0 and step % cfg.save_every == 0) or step == steps:
                 save(step)
             if stop:
-                acc.print(f"preemption signal: checkpoint at step {step} written, exiting {REQUEUE_EXIT_CODE}")
-                exit_code = REQUEUE_EXIT_CODE
+                acc.print(f"{preempt.describe()}: checkpoint at step {step} written, exiting {preempt.exit_code}")
+                exit_code = preempt.exit_code
                 break
             if step >= steps:
                 break
             if window_steps == 0:
                 window_start = time.perf_counter()  # evaluation and checkpoints are not training time
+                window_tokens, window_flops = 0, 0.0
 
     if exit_code == 0:
         export(acc, model, out_dir / "final")
-        write_summary(cfg, out_dir, state, steps, world_size)
+        summary = write_summary(cfg, out_dir, state, steps, world_size)
+        if summary is not None:
+            log.hparams(asdict(cfg), {k: summary[k] for k in ("final_loss", "best_stsb_dev", "sentences_per_s", "mfu")})
     if bar is not None:
         bar.close()
     log.close()
@@ -304,6 +336,33 @@ def train(cfg: TrainConfig) -> int:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return exit_code
+
+
+class NonFiniteSkips:
+    """Counts jointly skipped non-finite micro-steps; one message per window, not per step;
+    raises TrainingDiverged after ``limit`` consecutive skips (0: never)."""
+
+    def __init__(self, limit: int, window: int):
+        self.limit, self.window = limit, max(1, window)
+        self.consecutive = self.total = 0
+
+    def reset(self) -> None:
+        self.consecutive = 0
+
+    def skipped(self, step: int) -> str | None:
+        self.consecutive += 1
+        self.total += 1
+        if self.limit > 0 and self.consecutive >= self.limit:
+            raise TrainingDiverged(
+                f"the loss was non-finite (NaN/inf) on some rank for {self.consecutive} consecutive steps "
+                f"at step {step}: training stopped, the last checkpoint is untouched. Likely causes: a learning "
+                "rate far too high (SimCSE uses 1e-5..5e-5), fp16 overflow (use mixed_precision=bf16), or bad "
+                "data. Fix: lower learning_rate, switch precision, or raise max_nonfinite_skips"
+            )
+        if self.consecutive == 1 or self.consecutive % self.window == 0:
+            return (f"step {step}: non-finite loss on some rank, skipped on all ranks "
+                    f"({self.consecutive} in a row, {self.total} in this run)")
+        return None
 
 
 def maybe_eval(cfg, acc, model, state, log, out_dir: Path, step: int) -> None:
@@ -327,7 +386,7 @@ def maybe_eval(cfg, acc, model, state, log, out_dir: Path, step: int) -> None:
     score = box[0]
     if score is None:
         return
-    log.log(step, {"eval/stsb_dev_spearman": score})
+    log.log(step, {STSB_DEV_KEY: score})
     acc.print(f"step {step}: STS-B dev Spearman {score:.2f}")
     if score > state["best_dev"]:
         state["best_dev"] = score
@@ -355,23 +414,19 @@ def export(acc, model, out_dir: Path) -> None:
     acc.wait_for_everyone()
 
 
-def write_summary(cfg: TrainConfig, out_dir: Path, state: dict, steps: int, world_size: int) -> None:
+def write_summary(cfg: TrainConfig, out_dir: Path, state: dict, steps: int, world_size: int) -> dict | None:
     if int(os.environ.get("RANK", "0")) != 0:
-        return
-    rates, losses = [], []
+        return None
     with open(out_dir / "metrics.jsonl") as f:
-        for line in f:
-            rec = json.loads(line)
-            if "sentences_per_s" in rec:
-                rates.append(rec["sentences_per_s"])
-                losses.append(rec["loss"])
-    warm = rates[1:] or rates
+        records = [rec for rec in map(json.loads, f) if "sentences_per_s" in rec]
     summary = {
         "world_size": world_size,
         "global_batch": cfg.batch_size * world_size,
         "steps": steps,
-        "sentences_per_s": sum(warm) / len(warm) if warm else None,
-        "final_loss": losses[-1] if losses else None,
+        "sentences_per_s": steady_rate(records),
+        "tokens_per_s": steady_rate(records, "tokens_per_s"),
+        "mfu": steady_rate(records, "mfu"),
+        "final_loss": records[-1]["loss"] if records else None,
         "best_stsb_dev": state["best_dev"] if math.isfinite(state["best_dev"]) else None,
         "config": asdict(cfg),
     }
@@ -379,3 +434,4 @@ def write_summary(cfg: TrainConfig, out_dir: Path, state: dict, steps: int, worl
 
     summary.update(run_topology(world_size))  # nodes, procs_per_node, device
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary

@@ -15,8 +15,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
 
 
+def data_root() -> Path:
+    """The one setting tests and benchmarks read: ``$HNCSE_DATA_DIR``, else ``../shared/data``."""
+    return Path(os.environ.get("HNCSE_DATA_DIR") or DEFAULT_DATA_DIR)
+
+
 def find_data_dir() -> Path | None:
-    path = Path(os.environ.get("HNCSE_DATA_DIR") or DEFAULT_DATA_DIR)
+    path = data_root()
     return path if (path / "sts").is_dir() and (path / "transfer").is_dir() else None
 
 

@@ -26,6 +26,23 @@ def test_distributed_gradient_equals_single_process(tmp_path, world, objective):
 
 
 @pytest.mark.dist
+@pytest.mark.parametrize("objective,options", [
+    ("hnm", {"bank": True}),
+    ("hncse", {"bank": True, "hnm_grad": True}),
+    ("hncse", {"bank": True, "bank_in_logits": True}),
+])
+def test_distributed_hard_negative_gradient_with_bank_equals_single_process(tmp_path, objective, options):
+    """HNM's candidates are the gathered batch plus the bank (identical on every rank); with
+    hnm_grad the synthetic negatives carry gradient into the gathered batch candidates."""
+    out = tmp_path / "report.json"
+    torchrun(2, [str(SCRIPT), objective, str(out), json.dumps(options)], timeout=180)
+    report = json.loads(out.read_text())
+    assert report["loss"] == pytest.approx(report["ref_loss"], rel=1e-5)
+    assert report["z1_grad_close"] and report["z2_grad_close"]
+    assert report["params_grad_close"], report["max_param_grad_rel_err"]
+
+
+@pytest.mark.dist
 @pytest.mark.parametrize("objective", ["simcse", "pm"])
 def test_accumulation_micro_step_sees_its_global_micro_batch(tmp_path, objective):
     out = tmp_path / "report.json"

@@ -17,7 +17,6 @@ from hncse_dist.eval.sts import (
     STS_YEARS,
     STSSubset,
     STSTask,
-    average_ranks,
     cosine_rows,
     dev_spearman,
     evaluate_sts,
@@ -70,8 +69,10 @@ def test_missing_gold_file_is_named(tmp_path):
 # ---------------------------------------------------------------- statistics
 
 
-def test_average_ranks_with_ties():
-    np.testing.assert_allclose(average_ranks([3.0, 1.0, 3.0, 2.0, 3.0]), [4.0, 1.0, 4.0, 2.0, 4.0])
+def test_spearman_with_ties_by_hand():
+    # ranks of x: [4, 1, 4, 2, 4] (the three tied 3.0 share ranks 3..5); of y: 1..5.
+    # Centred: dx = [1, -2, 1, -1, 1], dy = [-2, -1, 0, 1, 2]; rho = 1 / sqrt(8 * 10).
+    assert spearman([3.0, 1.0, 3.0, 2.0, 3.0], [1.0, 2.0, 3.0, 4.0, 5.0]) == pytest.approx(1 / np.sqrt(80))
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

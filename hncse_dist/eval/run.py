@@ -11,12 +11,12 @@ from typing import Sequence
 
 from .data import DATA_DIR_ENV, default_data_dir
 from .embed import EmbeddingTable
+from ..encoder import POOLERS
 from .sts import STS_TASKS, load_sts_task, score_sts
 from .transfer import TRANSFER_TASKS, ClassifierConfig, load_transfer_task, score_transfer
 
 ALL_TASKS = STS_TASKS + TRANSFER_TASKS
 TASK_GROUPS = {"sts": STS_TASKS, "transfer": TRANSFER_TASKS, "all": ALL_TASKS}
-POOLER_CHOICES = ("cls", "cls_before_pooler", "avg", "avg_first_last")
 AVG_LABELS = {"sts": "STS avg", "transfer": "transfer avg"}
 
 
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"folder holding sts/ and transfer/ (default: ${DATA_DIR_ENV})")
     p.add_argument("--tasks", default="sts",
                    help="sts | transfer | all | comma-separated names: " + ",".join(ALL_TASKS))
-    p.add_argument("--pooler", choices=POOLER_CHOICES, default=None,
+    p.add_argument("--pooler", choices=POOLERS, default=None,
                    help="default: the pooler saved with the model, else cls (no MLP head at evaluation)")
     p.add_argument("--output", default=None, help="write results as JSON here")
     p.add_argument("--batch-size", type=int, default=128)

@@ -131,21 +131,6 @@ def sts_pair_counts(data_dir: str | Path, tasks: Sequence[str] = STS_TASKS) -> d
 # ---------------------------------------------------------------- statistics
 
 
-def average_ranks(values: np.ndarray) -> np.ndarray:
-    """1-based ranks; tied values share the mean of the ranks they span."""
-    values = np.asarray(values, dtype=np.float64)
-    order = np.argsort(values, kind="mergesort")
-    ordered = values[order]
-    starts_run = np.r_[True, ordered[1:] != ordered[:-1]]
-    run_id = np.cumsum(starts_run) - 1
-    run_start = np.flatnonzero(starts_run)
-    run_end = np.r_[run_start[1:], len(values)]  # exclusive
-    run_rank = (run_start + run_end + 1) / 2.0  # mean of 1-based ranks start+1 .. end
-    ranks = np.empty(len(values))
-    ranks[order] = run_rank[run_id]
-    return ranks
-
-
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
     x = np.asarray(x, dtype=np.float64) - np.mean(x)
     y = np.asarray(y, dtype=np.float64) - np.mean(y)
@@ -154,8 +139,10 @@ def pearson(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    """Spearman's rho = Pearson correlation of average ranks (same as scipy.stats.spearmanr)."""
-    return pearson(average_ranks(x), average_ranks(y))
+    """Spearman's rho: Pearson correlation of average ranks (ties share their mean rank)."""
+    from scipy.stats import rankdata
+
+    return pearson(rankdata(x), rankdata(y))
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:

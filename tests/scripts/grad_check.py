@@ -30,14 +30,26 @@ def global_batch(n):
     return x1, x2
 
 
+def fixed_bank(rows=12, dim=24):
+    """Detached embeddings of "earlier batches": the same tensor on every rank, as the bank is."""
+    return torch.randn(rows, dim, generator=torch.Generator().manual_seed(2))
+
+
 def main():
     objective, out_path = sys.argv[1], sys.argv[2]
+    extra = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}  # e.g. {"bank": true, "hnm_grad": true}
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     n_local = 4
     x1, x2 = global_batch(n_local * world)
     rows = slice(rank * n_local, (rank + 1) * n_local)
-    kw = dict(pm_threshold=0.3, bank_in_logits=False)
+    # hnm_k=1: the synthetic negatives are each anchor's hardest candidate itself, so the draw of
+    # positions (per-rank random streams in a real run) cannot differ from the single process's,
+    # while top-k over gathered batch + bank, the global exclusion mask and hnm_grad are all exercised.
+    kw = dict(pm_threshold=0.3, bank_in_logits=extra.pop("bank_in_logits", False), hnm_k=1, hnm_m=3,
+              hnm_grad=extra.pop("hnm_grad", False))
+    if extra.pop("bank", False):
+        kw["bank"] = fixed_bank()
 
     model = encoder()
     z1 = model(x1[rows]).detach().requires_grad_()
