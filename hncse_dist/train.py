@@ -21,6 +21,7 @@ from .checkpoint import Checkpointer
 from .config import ConfigError, TrainConfig
 from .encoder import Encoder
 from .gather import all_ranks_agree
+from .launch_env import setup_launch_env
 from .metrics import (STSB_DEV_KEY, FlopsModel, MetricsLog, hparams_of, memory_gb, parse_report_to, peak_flops,
                       progress_line, steady_rate)
 from .objective import alignment, hncse_loss, uniformity
@@ -64,9 +65,6 @@ def make_accelerator(cfg: TrainConfig):
     from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, InitProcessGroupKwargs
     from datetime import timedelta
 
-    from .launch_env import setup_launch_env
-
-    setup_launch_env()  # srun-native launch: RANK/WORLD_SIZE/... from SLURM_* (hncse_dist/launch_env.py)
     on_gpu = torch.cuda.is_available()
     # Without an explicit backend, DeepSpeed on CPU leaves every rank believing it is alone.
     pg = InitProcessGroupKwargs(backend="nccl" if on_gpu else "gloo", timeout=timedelta(minutes=cfg.dist_timeout_minutes))
@@ -166,6 +164,7 @@ def train(cfg: TrainConfig) -> int:
     from transformers import get_linear_schedule_with_warmup
 
     cfg.validate()
+    setup_launch_env()  # srun-native launch: RANK/WORLD_SIZE/... from SLURM_* (hncse_dist/launch_env.py)
     claim_output_dir(Path(cfg.output_dir), json.loads(json.dumps(asdict(cfg), default=str)), cfg.resume,
                      cfg.overwrite, is_main=int(os.environ.get("RANK", "0")) == 0)
     preempt = PreemptionFlag()
