@@ -510,23 +510,36 @@ class SlurmCluster:
                            f"(Reason={info.get('Reason')}) after {timeout} s:\n{info}")
 
 
+_SHARED: dict[str, object] = {"cluster": None, "users": 0}
+
+
 def slurm_cluster_or_skip() -> Iterator[SlurmCluster]:
-    """Body of the pytest fixture: skip (or fail under CI) when Slurm is unavailable."""
+    """Body of the pytest fixture: skip (or fail under CI) when Slurm is unavailable.
+
+    Every test module that imports the fixture gets its own session-scoped copy from
+    pytest; they share one cluster (started by the first, stopped by the last), since a
+    second start would wait on the first one's machine-wide lock."""
     import pytest
 
-    cluster = SlurmCluster()
+    if _SHARED["cluster"] is None:
+        cluster = SlurmCluster()
+        try:
+            cluster.start()
+        except (SlurmUnavailable, subprocess.TimeoutExpired, OSError) as exc:
+            cluster.stop()
+            message = f"Slurm test cluster unavailable: {exc}"
+            if in_ci():
+                pytest.fail(message + "\n(CI=true: failing instead of skipping)")
+            pytest.skip(message)
+        _SHARED["cluster"] = cluster
+    _SHARED["users"] += 1
     try:
-        cluster.start()
-    except (SlurmUnavailable, subprocess.TimeoutExpired, OSError) as exc:
-        cluster.stop()
-        message = f"Slurm test cluster unavailable: {exc}"
-        if in_ci():
-            pytest.fail(message + "\n(CI=true: failing instead of skipping)")
-        pytest.skip(message)
-    try:
-        yield cluster
+        yield _SHARED["cluster"]
     finally:
-        cluster.stop()
+        _SHARED["users"] -= 1
+        if _SHARED["users"] == 0:
+            _SHARED["cluster"].stop()
+            _SHARED["cluster"] = None
 
 
 try:
