@@ -340,7 +340,23 @@ class SlurmCluster:
                      check=False)
         self.wait_nodes_idle(timeout)
 
+    def _cancel_jobs(self, timeout: float = 20.0) -> None:
+        """Jobs still running when the cluster stops would leave their slurmstepd and
+        ranks behind: cancel them and wait (bounded) until they are gone."""
+        try:
+            ids = self.command("squeue", "-h", "-o", "%i", check=False, timeout=10).split()
+            if ids:
+                self.command("scancel", *ids, check=False, timeout=10)
+                deadline = time.monotonic() + timeout
+                while time.monotonic() < deadline and self.command(
+                        "squeue", "-h", "-o", "%i", check=False, timeout=10).split():
+                    time.sleep(0.5)
+        except (subprocess.TimeoutExpired, OSError):
+            pass
+
     def _stop_daemons(self) -> None:
+        if self._procs or any(p.exists() for p in self._pid_files()):
+            self._cancel_jobs()
         if self.conf.exists() and _which("scontrol"):
             try:
                 subprocess.run([_which("scontrol"), "shutdown"], env=self.env,

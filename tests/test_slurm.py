@@ -293,6 +293,7 @@ def test_unavailable_slurm_skips_locally_and_fails_under_ci(monkeypatch, ci: str
     def cannot_start(self):
         raise sc.SlurmUnavailable("installing it needs root")
 
+    monkeypatch.setattr(sc, "_SHARED", {"cluster": None, "users": 0})  # not the session's cluster
     monkeypatch.setattr(sc.SlurmCluster, "start", cannot_start)
     monkeypatch.setattr(sc.SlurmCluster, "stop", lambda self: None)
     monkeypatch.setenv("CI", ci)
