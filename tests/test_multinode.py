@@ -42,7 +42,7 @@ def two_nodes(cluster: SlurmCluster, name: str) -> tuple[str, ...]:
 
 
 def overrides(tiny_bert: str, corpus: str, out: Path, **extra) -> list[str]:
-    # num_workers=0: the configuration whose resume is bit-exact (tests/test_resume.py).
+    # num_workers=0: the data configuration tests/test_resume.py checks resume with.
     return train_overrides(tiny_bert, corpus, max_steps=MAX_STEPS, save_every=0, eval_file="null",
                            num_workers=0, output_dir=out, **extra)
 
