@@ -95,6 +95,9 @@ class TrainConfig(ObjectiveConfig):
     resume: str | None = None  # "latest" or a checkpoint folder
     overwrite: bool = False  # replace the run already in output_dir (without it, such a folder is refused)
     deepspeed: str | None = None  # ds_configs/zero2.json etc.
+    # Process-group timeout (every launch path, gloo and NCCL): a collective or the rendezvous
+    # store waiting longer than this fails the rank instead of hanging the job.
+    dist_timeout_minutes: float = 30.0
     skip_nonfinite: bool = True  # skip a step whose loss is NaN/inf on any rank
     max_nonfinite_skips: int = 20  # stop (exit 1) after this many consecutive skipped steps
     progress: bool = True  # a progress bar on a terminal; without one, a line every log_every steps
@@ -364,6 +367,7 @@ RANGES: dict[str, Range] = {
     "max_nonfinite_skips": Range(0, note="0: never stop on non-finite losses"),
     "peak_flops": Range(0, integer=False, note="0: datasheet figure for known GPUs, measured on CPU"),
     "cache_chunk_size": Range(0, note="0: off"),
+    "dist_timeout_minutes": Range(0, lo_open=True, integer=False, note="a collective waits this long for a lost rank"),
     "dropout": Range(0, 1, hi_open=True, integer=False, null="the model's own dropout"),
 }
 

@@ -51,6 +51,16 @@ class RunResult:
     best_stsb_dev: float | None
     stsb_curve: list[tuple[int, float]] = field(default_factory=list)
     scaling_efficiency: float | None = None
+    nodes: int | None = None  # summary.json of runs that record where they ran
+    device: str | None = None
+
+    @property
+    def placement(self) -> str | None:
+        """'2 nodes x 2 cpu' (None for runs that do not record their nodes)."""
+        if self.nodes is None:
+            return None
+        per_node = self.world_size // self.nodes if self.world_size % self.nodes == 0 else "?"
+        return f"{self.nodes} node{'s' if self.nodes != 1 else ''} x {per_node} {self.device or '?'}"
 
 
 def _read_metrics(path: Path) -> list[dict]:
@@ -152,6 +162,8 @@ def load_run(run_dir: str | os.PathLike, name: str | None = None) -> RunResult:
         final_loss=final_loss,
         best_stsb_dev=best,
         stsb_curve=stsb_curve,
+        nodes=None if _number(summary.get("nodes")) is None else int(summary["nodes"]),
+        device=summary.get("device") if isinstance(summary.get("device"), str) else None,
     )
 
 
@@ -184,13 +196,24 @@ def add_scaling_efficiency(runs: list[RunResult]) -> RunResult | None:
 def _fmt(value, digits: int) -> str:
     if value is None:
         return "–"
-    if isinstance(value, int):
+    if isinstance(value, (int, str)):
         return str(value)
     return f"{value:.{digits}f}"
 
 
+def _has_placement(runs: list[RunResult]) -> bool:
+    return any(r.nodes is not None for r in runs)
+
+
+def _columns(runs: list[RunResult]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(keys, markdown headers): nodes and device only when some run recorded them."""
+    if _has_placement(runs):
+        return COLUMNS + ("nodes", "device"), MD_HEADERS + ("nodes", "device")
+    return COLUMNS, MD_HEADERS
+
+
 def table_rows(runs: list[RunResult]) -> list[dict]:
-    return [
+    rows = [
         {
             "run": r.name, "world_size": r.world_size, "global_batch": r.global_batch,
             "steps": r.steps, "sentences_per_s": r.sentences_per_s,
@@ -199,17 +222,22 @@ def table_rows(runs: list[RunResult]) -> list[dict]:
         }
         for r in runs
     ]
+    if _has_placement(runs):
+        for row, r in zip(rows, runs):
+            row.update(nodes=r.nodes, device=r.device)
+    return rows
 
 
 def write_markdown(runs: list[RunResult], base: RunResult | None, path: Path) -> None:
     digits = {"sentences_per_s": 1, "scaling_efficiency": 2, "final_loss": 4, "best_stsb_dev": 4}
+    columns, headers = _columns(runs)
     lines = [
-        "| " + " | ".join(MD_HEADERS) + " |",
-        "|" + "|".join(["---"] + ["---:"] * (len(MD_HEADERS) - 1)) + "|",
+        "| " + " | ".join(headers) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|",
     ]
     for row in table_rows(runs):
         cells = [str(row["run"]).replace("|", "\\|")]
-        cells += [_fmt(row[c], digits.get(c, 0)) for c in COLUMNS[1:]]
+        cells += [_fmt(row[c], digits.get(c, 0)) for c in columns[1:]]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     if base is not None:
@@ -224,7 +252,7 @@ def write_markdown(runs: list[RunResult], base: RunResult | None, path: Path) ->
 
 def write_csv(runs: list[RunResult], path: Path) -> None:
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=_columns(runs)[0])
         writer.writeheader()
         for row in table_rows(runs):
             writer.writerow({k: "" if v is None else v for k, v in row.items()})
@@ -268,7 +296,8 @@ def write_plot(runs: list[RunResult], base: RunResult | None, path: Path) -> Non
             left.plot(ticks, [per_proc * x for x in ticks], "--", color="tab:blue", alpha=0.45,
                       label="linear scaling")
         for r in measured:  # left of the point: the linear-scaling line runs above-right
-            left.annotate(r.name, (r.world_size, r.sentences_per_s), textcoords="offset points",
+            label = r.name if r.placement is None else f"{r.name}: {r.placement}"
+            left.annotate(label, (r.world_size, r.sentences_per_s), textcoords="offset points",
                           xytext=(-6, 4), ha="right", fontsize=7, color="dimgray")
         left.set_xscale("log", base=2)
         left.set_xticks(ticks, [str(t) for t in ticks])
@@ -285,7 +314,8 @@ def write_plot(runs: list[RunResult], base: RunResult | None, path: Path) -> Non
     else:
         left.text(0.5, 0.5, "no throughput in summary.json", ha="center", va="center",
                   transform=left.transAxes)
-    left.set_xlabel("processes (GPUs)")
+    devices = sorted({r.device for r in runs if r.device})
+    left.set_xlabel("processes" + (f" ({', '.join(devices)})" if devices else " (GPUs)"))
     left.set_ylabel("sentences/s", color="tab:blue")
     left.set_title("Throughput and scaling efficiency")
     left.grid(alpha=0.3)

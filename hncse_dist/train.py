@@ -21,6 +21,7 @@ from .checkpoint import Checkpointer
 from .config import ConfigError, TrainConfig, check_eval_file, startup_checks
 from .encoder import Encoder, ModelSetupError, require_dropout
 from .gather import all_ranks_agree
+from .launch_env import setup_launch_env
 from .metrics import (STSB_DEV_KEY, FlopsModel, MetricsLog, hparams_of, memory_gb, parse_report_to, peak_flops,
                       progress_line, steady_rate)
 from .gradcache import cached_contrastive_step
@@ -86,7 +87,7 @@ def make_accelerator(cfg: TrainConfig):
 
     on_gpu = torch.cuda.is_available()
     # Without an explicit backend, DeepSpeed on CPU leaves every rank believing it is alone.
-    pg = InitProcessGroupKwargs(backend="nccl" if on_gpu else "gloo", timeout=timedelta(minutes=30))
+    pg = InitProcessGroupKwargs(backend="nccl" if on_gpu else "gloo", timeout=timedelta(minutes=cfg.dist_timeout_minutes))
     expected = int(os.environ.get("WORLD_SIZE", "1"))
     trackers = [t for t in parse_report_to(cfg.report_to) if t != "tensorboard"]  # TensorBoard is written directly
     kwargs = dict(
@@ -197,6 +198,7 @@ def train(cfg: TrainConfig) -> int:
     from transformers import get_linear_schedule_with_warmup
 
     cfg.validate()
+    setup_launch_env()  # srun-native launch: RANK/WORLD_SIZE/... from SLURM_* (hncse_dist/launch_env.py)
     startup_checks(cfg)  # the model's config and the machine, before any weights load
     preempt = PreemptionFlag()
     acc = make_accelerator(cfg)
@@ -495,5 +497,8 @@ def write_summary(cfg: TrainConfig, out_dir: Path, state: TrainState, steps: int
         "best_stsb_dev": state.best_dev if math.isfinite(state.best_dev) else None,
         "config": asdict(cfg),
     }
+    from .launch_env import run_topology
+
+    summary.update(run_topology(world_size))  # nodes, procs_per_node, device
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary

@@ -1,9 +1,15 @@
-"""A throw-away single-node Slurm cluster for integration tests.
+"""A throw-away Slurm cluster of N nodes on this one machine, for integration tests.
 
 Installs Debian's slurm-wlm + munge when ``slurmctld`` is missing (root only), writes a
 slurm.conf for this host into a private directory (``/etc/slurm`` is left alone; clients
-find the file through ``SLURM_CONF``), starts munged, slurmctld and slurmd by hand (no
-systemd needed) and stops them again.
+find the file through ``SLURM_CONF``), starts munged, slurmctld and one slurmd per node by
+hand (no systemd needed) and stops them again.
+
+Node ``nI`` (I = 1..N) is a slurmd on loopback address 127.0.0.(I+1) with its own port,
+started as ``slurmd -N nI`` inside its own mount namespace (``unshare -m``) in which a
+private folder is bind-mounted over ``SlurmdSpoolDir``: the daemons share the host's
+filesystem (like nodes sharing an NFS home) but not their spool, pid file or job state.
+Every daemon is stopped by its PID.
 
 Use it from pytest through the session fixture ``slurm_cluster`` (import it into the
 test module), or by hand::
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -35,6 +42,9 @@ SBIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_BASE = Path(os.environ.get("HNCSE_SLURM_TEST_DIR", "/tmp/hncse-test-slurm"))
 MUNGE_SOCKET_DIR = Path("/run/munge")
 MUNGE_PID_FILE = MUNGE_SOCKET_DIR / "munged.pid"
+DEFAULT_NODES = int(os.environ.get("HNCSE_SLURM_TEST_NODES", "2"))
+# Ports: slurmctld, then one per node. Another port base lets a second cluster run beside.
+PORT_BASE = int(os.environ.get("HNCSE_SLURM_PORT_BASE", "16817"))
 # Finished jobs must stay visible to `scontrol show job` (there is no accounting database).
 MIN_JOB_AGE_S = 3600
 CRED_EXPIRE_S = int(os.environ.get("HNCSE_SLURM_CRED_EXPIRE", "5"))
@@ -118,11 +128,26 @@ def detect_node_hardware(fallback_cpus: int) -> tuple[int, str]:
     return int(fields["CPUs"]), " ".join(f"{k}={fields[k]}" for k in keys if k in fields)
 
 
-def slurm_conf_text(base: Path, hostname: str, cpus: int, mem_mb: int, topology: str = "") -> str:
+def node_names(nodes: int) -> list[str]:
+    return [f"n{i}" for i in range(1, nodes + 1)]
+
+
+def node_addr(index: int) -> str:
+    """Loopback address of node n<index+1> (127.0.0.2, 127.0.0.3, ...)."""
+    return f"127.0.0.{index + 2}"
+
+
+def slurm_conf_text(base: Path, hostname: str, cpus: int, mem_mb: int, topology: str = "",
+                    nodes: int = 1, proctrack: str = "linuxproc") -> str:
+    names = node_names(nodes)
+    node_lines = "\n".join(
+        f"NodeName={name} NodeAddr={node_addr(i)} NodeHostname={hostname} Port={PORT_BASE + 1 + i} "
+        f"CPUs={cpus} {topology} RealMemory={mem_mb} State=UNKNOWN"
+        for i, name in enumerate(names))
     return f"""\
-# Written by tests/slurm_cluster.py: single-node test cluster. Safe to delete.
+# Written by tests/slurm_cluster.py: {nodes}-node test cluster on one machine. Safe to delete.
 ClusterName=hncsetest
-SlurmctldHost={hostname}(127.0.0.1)
+SlurmctldHost=localhost(127.0.0.1)
 AuthType=auth/munge
 CredType=cred/munge
 # cred_expire also sets how long a requeued job waits before it may start again
@@ -130,17 +155,17 @@ CredType=cred/munge
 AuthInfo=cred_expire={CRED_EXPIRE_S}
 SlurmUser=root
 SlurmdUser=root
-SlurmctldPort=6817
-SlurmdPort=6818
+SlurmctldPort={PORT_BASE}
 StateSaveLocation={base}/state
+# Each slurmd sees its own private folder here (bind mount in its own mount namespace).
 SlurmdSpoolDir={base}/spool
 SlurmctldPidFile={base}/slurmctld.pid
-SlurmdPidFile={base}/slurmd.pid
+SlurmdPidFile={base}/spool/slurmd.pid
 SlurmctldLogFile={base}/log/slurmctld.log
-SlurmdLogFile={base}/log/slurmd.log
+SlurmdLogFile={base}/log/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
-ProctrackType=proctrack/linuxproc
+ProctrackType=proctrack/{proctrack}
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
@@ -159,10 +184,10 @@ MailProg=/bin/true
 MinJobAge={MIN_JOB_AGE_S}
 KillWait=10
 InactiveLimit=0
-MessageTimeout=20
+MessageTimeout=10
 SlurmdTimeout=300
-NodeName={hostname} NodeAddr=127.0.0.1 CPUs={cpus} {topology} RealMemory={mem_mb} State=UNKNOWN
-PartitionName=debug Nodes={hostname} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+{node_lines}
+PartitionName=debug Nodes={",".join(names)} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 """
 
 
@@ -216,13 +241,15 @@ def parse_scontrol_record(line: str) -> dict[str, str]:
 
 @dataclass
 class SlurmCluster:
-    """Handle on a running single-node cluster (see module docstring)."""
+    """Handle on a running cluster of ``nodes`` nodes (see module docstring)."""
 
     base: Path = DEFAULT_BASE
+    nodes: int = DEFAULT_NODES
+    proctrack: str = "linuxproc"  # ProctrackType=proctrack/<this>
     hostname: str = field(default_factory=socket.gethostname)
     cpus: int = field(default_factory=lambda: os.cpu_count() or 1)
     started_munge: bool = False
-    _procs: list[subprocess.Popen] = field(default_factory=list)
+    _procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     _lock: object = None
 
     @property
@@ -230,50 +257,127 @@ class SlurmCluster:
         return self.base / "slurm.conf"
 
     @property
+    def node_names(self) -> list[str]:
+        return node_names(self.nodes)
+
+    @property
     def env(self) -> dict[str, str]:
         """Environment for Slurm client commands and for jobs (sbatch exports it)."""
         return dict(os.environ, SLURM_CONF=str(self.conf),
                     PATH=os.environ.get("PATH", "") + ":" + SBIN_PATH)
 
+    def node_spool(self, name: str) -> Path:
+        return self.base / f"spool-{name}"
+
+    def _pid_files(self) -> list[Path]:
+        return [self.base / "slurmctld.pid"] + [self.node_spool(n) / "slurmd.pid" for n in self.node_names]
+
     # ---------------------------------------------------------------- lifecycle
     def start(self, timeout: float = 30.0, lock_timeout: float = 900.0) -> SlurmCluster:
         if os.geteuid() != 0:
             raise SlurmUnavailable("starting slurmd needs root")
+        if not _which("unshare"):
+            raise SlurmUnavailable("unshare (util-linux) is needed to give each slurmd its own spool")
         install_slurm()
         self._acquire_lock(lock_timeout)
         self._stop_stale_daemons()
         shutil.rmtree(self.base, ignore_errors=True)
-        for sub in ("state", "spool", "log"):
+        for sub in ("state", "spool", "log", *(f"spool-{n}" for n in self.node_names)):
             (self.base / sub).mkdir(parents=True, exist_ok=True)
-        self.cpus, topology = detect_node_hardware(self.cpus)
-        self.conf.write_text(slurm_conf_text(self.base, self.hostname, self.cpus, _mem_mb(), topology))
+        self.cpus, self._topology = detect_node_hardware(self.cpus)
+        self._write_conf()
         self._start_munge()
-        log = open(self.base / "log" / "daemons.out", "ab")
-        for daemon in ("slurmctld", "slurmd"):
-            # -D: stay in the foreground so the process is ours to stop; -i/-c: no old state.
-            args = [_which(daemon), "-D", "-f", str(self.conf)]
-            args += ["-i"] if daemon == "slurmctld" else ["-c"]
-            self._procs.append(subprocess.Popen(
-                args, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                start_new_session=True))
-        self._wait_node_idle(timeout)
+        # -D: stay in the foreground so the process is ours to stop; -i: no old state.
+        self._spawn("slurmctld", [_which("slurmctld"), "-D", "-i", "-f", str(self.conf)])
+        for name in self.node_names:
+            self.start_node(name, wait=False)
+        self.wait_nodes_idle(timeout)
         return self
 
-    def stop(self) -> None:
+    def _write_conf(self) -> None:
+        self.conf.write_text(slurm_conf_text(self.base, self.hostname, self.cpus, _mem_mb(),
+                                             getattr(self, "_topology", ""), self.nodes, self.proctrack))
+
+    def _spawn(self, key: str, args: list[str]) -> None:
+        log = open(self.base / "log" / "daemons.out", "ab")
+        self._procs[key] = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                            start_new_session=True)
+        log.close()
+
+    def start_node(self, name: str, wait: bool = True, timeout: float = 30.0) -> None:
+        """slurmd -N NAME in its own mount namespace, its private spool bind-mounted over
+        SlurmdSpoolDir (util-linux unshare makes the new namespace's mounts private). exec
+        keeps the PID: the Popen's pid is slurmd's own."""
+        spool = self.base / "spool"
+        script = (f"mount --bind {shlex.quote(str(self.node_spool(name)))} {shlex.quote(str(spool))} && "
+                  f"exec {shlex.quote(_which('slurmd'))} -D -c -f {shlex.quote(str(self.conf))} -N {name}")
+        self._spawn(f"slurmd:{name}", [_which("unshare"), "-m", "sh", "-c", script])
+        if wait:
+            self.wait_nodes_idle(timeout, names=[name])
+
+    def stop_node(self, name: str, timeout: float = 10.0) -> None:
+        """Stop one node's slurmd (by PID); the controller still believes the node is up."""
+        proc = self._procs.pop(f"slurmd:{name}", None)
+        pid = proc.pid if proc else _read_pid(self.node_spool(name) / "slurmd.pid")
+        if pid:
+            _stop_pid(pid, timeout)
+        if proc:
+            proc.wait(timeout=timeout)
+
+    def reconfigure(self, proctrack: str, timeout: float = 30.0) -> None:
+        """Restart every daemon with another ProctrackType (slurmd reads it only at start)."""
+        self._stop_daemons()
+        self.proctrack = proctrack
+        self._write_conf()
+        self._spawn("slurmctld", [_which("slurmctld"), "-D", "-i", "-f", str(self.conf)])
+        for name in self.node_names:
+            self.start_node(name, wait=False)
+        self.wait_nodes_idle(timeout)
+
+    def resume_nodes(self, timeout: float = 30.0) -> None:
+        """Bring nodes that a test let fail (DOWN/DRAIN) back to idle."""
+        self.command("scontrol", "update", f"NodeName={','.join(self.node_names)}", "State=RESUME",
+                     check=False)
+        self.wait_nodes_idle(timeout)
+
+    def _cancel_jobs(self, timeout: float = 20.0) -> None:
+        """Jobs still running when the cluster stops would leave their slurmstepd and
+        ranks behind: cancel them and wait (bounded) until they are gone."""
+        try:
+            ids = self.command("squeue", "-h", "-o", "%i", check=False, timeout=10).split()
+            if ids:
+                self.command("scancel", *ids, check=False, timeout=10)
+                deadline = time.monotonic() + timeout
+                while time.monotonic() < deadline and self.command(
+                        "squeue", "-h", "-o", "%i", check=False, timeout=10).split():
+                    time.sleep(0.5)
+        except (subprocess.TimeoutExpired, OSError):
+            pass
+
+    def _stop_daemons(self) -> None:
+        if self._procs or any(p.exists() for p in self._pid_files()):
+            self._cancel_jobs()
         if self.conf.exists() and _which("scontrol"):
-            subprocess.run([_which("scontrol"), "shutdown"], env=self.env,
-                           capture_output=True, timeout=30)
-        for proc in self._procs:
+            try:
+                subprocess.run([_which("scontrol"), "shutdown"], env=self.env,
+                               capture_output=True, timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        for proc in self._procs.values():
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                _stop_pid(proc.pid)
                 proc.wait(timeout=10)
         self._procs.clear()
-        for pid_file in ("slurmctld.pid", "slurmd.pid"):  # started by another process (CLI)
-            pid = _read_pid(self.base / pid_file)
+        for pid_file in self._pid_files():  # started by another process (CLI)
+            pid = _read_pid(pid_file)
             if pid:
                 _stop_pid(pid)
+            pid_file.unlink(missing_ok=True)
+
+    def stop(self) -> None:
+        self._stop_daemons()
         if self.started_munge or (self.base / "munge-started").exists():
             pid = _read_pid(MUNGE_PID_FILE)
             if pid:
@@ -309,8 +413,8 @@ class SlurmCluster:
 
     def _stop_stale_daemons(self) -> None:
         """A crashed earlier session may have left our daemons running (they hold the ports)."""
-        for pid_file in ("slurmctld.pid", "slurmd.pid"):
-            pid = _read_pid(self.base / pid_file)
+        for pid_file in self._pid_files():
+            pid = _read_pid(pid_file)
             if pid:
                 _stop_pid(pid)
 
@@ -350,26 +454,31 @@ class SlurmCluster:
         return subprocess.run([unmunge], input=cred.stdout, capture_output=True,
                               timeout=10).returncode == 0
 
-    def _wait_node_idle(self, timeout: float) -> None:
+    def node_states(self) -> dict[str, str]:
+        out = subprocess.run([_which("sinfo"), "-h", "-N", "-o", "%N %T"], env=self.env,
+                             capture_output=True, text=True, timeout=10)
+        return dict(line.split()[:2] for line in out.stdout.splitlines() if len(line.split()) >= 2)
+
+    def wait_nodes_idle(self, timeout: float = 30.0, names: list[str] | None = None) -> None:
+        names = names or self.node_names
         deadline = time.monotonic() + timeout
-        state = ""
+        states: dict[str, str] = {}
         while time.monotonic() < deadline:
-            for proc in self._procs:
+            for key, proc in self._procs.items():
                 if proc.poll() is not None:
                     raise SlurmUnavailable(
-                        f"{proc.args[0]} exited with {proc.returncode}; logs in {self.base / 'log'}:\n"
+                        f"{key} exited with {proc.returncode}; logs in {self.base / 'log'}:\n"
                         + self.logs_tail())
-            out = subprocess.run([_which("sinfo"), "-h", "-N", "-o", "%T"], env=self.env,
-                                 capture_output=True, text=True, timeout=10)
-            state = out.stdout.strip()
-            if out.returncode == 0 and state == "idle":
+            states = self.node_states()
+            if all(states.get(n) == "idle" for n in names):
                 return
             time.sleep(0.2)
-        raise SlurmUnavailable(f"node not idle after {timeout} s (state {state!r}):\n" + self.logs_tail())
+        raise SlurmUnavailable(f"nodes not idle after {timeout} s (states {states}):\n" + self.logs_tail())
 
     def logs_tail(self, lines: int = 30) -> str:
         parts = []
-        for name in ("slurmctld.log", "slurmd.log", "daemons.out"):
+        names = ["slurmctld.log", *(f"slurmd-{n}.log" for n in self.node_names), "daemons.out"]
+        for name in names:
             path = self.base / "log" / name
             if path.exists():
                 tail = path.read_text(errors="replace").splitlines()[-lines:]
@@ -417,23 +526,36 @@ class SlurmCluster:
                            f"(Reason={info.get('Reason')}) after {timeout} s:\n{info}")
 
 
+_SHARED: dict[str, object] = {"cluster": None, "users": 0}
+
+
 def slurm_cluster_or_skip() -> Iterator[SlurmCluster]:
-    """Body of the pytest fixture: skip (or fail under CI) when Slurm is unavailable."""
+    """Body of the pytest fixture: skip (or fail under CI) when Slurm is unavailable.
+
+    Every test module that imports the fixture gets its own session-scoped copy from
+    pytest; they share one cluster (started by the first, stopped by the last), since a
+    second start would wait on the first one's machine-wide lock."""
     import pytest
 
-    cluster = SlurmCluster()
+    if _SHARED["cluster"] is None:
+        cluster = SlurmCluster()
+        try:
+            cluster.start()
+        except (SlurmUnavailable, subprocess.TimeoutExpired, OSError) as exc:
+            cluster.stop()
+            message = f"Slurm test cluster unavailable: {exc}"
+            if in_ci():
+                pytest.fail(message + "\n(CI=true: failing instead of skipping)")
+            pytest.skip(message)
+        _SHARED["cluster"] = cluster
+    _SHARED["users"] += 1
     try:
-        cluster.start()
-    except (SlurmUnavailable, subprocess.TimeoutExpired, OSError) as exc:
-        cluster.stop()
-        message = f"single-node Slurm unavailable: {exc}"
-        if in_ci():
-            pytest.fail(message + "\n(CI=true: failing instead of skipping)")
-        pytest.skip(message)
-    try:
-        yield cluster
+        yield _SHARED["cluster"]
     finally:
-        cluster.stop()
+        _SHARED["users"] -= 1
+        if _SHARED["users"] == 0:
+            _SHARED["cluster"].stop()
+            _SHARED["cluster"] = None
 
 
 try:

@@ -123,3 +123,20 @@ def test_cli_routes_report(runs: list[Path], tmp_path: Path) -> None:
 
     assert main(["report", str(runs[0]), str(runs[1]), "--output", str(tmp_path / "cli")]) == 0
     assert (tmp_path / "cli.png").is_file()
+
+
+def test_runs_that_record_nodes_get_nodes_and_device_columns(tmp_path: Path) -> None:
+    one = make_run(tmp_path, "n1-p2", 2, 400.0)
+    two = make_run(tmp_path, "n2-p2", 4, 720.0)
+    for run, nodes in ((one, 1), (two, 2)):
+        summary = json.loads((run / "summary.json").read_text())
+        summary.update(nodes=nodes, procs_per_node=2, device="cpu")
+        (run / "summary.json").write_text(json.dumps(summary))
+    assert report_main([str(two), str(one), "--output", str(tmp_path / "r")]) == 0
+    table = [line for line in (tmp_path / "r.md").read_text().splitlines() if line.startswith("|")]
+    assert table[0].endswith("| best STS-B dev | nodes | device |")
+    assert table[2] == "| n1-p2 | 2 | 64 | 40 | 400.0 | 1.00 | 0.0750 | – | 1 | cpu |"
+    assert table[3] == "| n2-p2 | 4 | 128 | 40 | 720.0 | 0.90 | 0.0750 | – | 2 | cpu |"
+    rows = list(csv.DictReader((tmp_path / "r.csv").open()))
+    assert [(r["nodes"], r["device"]) for r in rows] == [("1", "cpu"), ("2", "cpu")]
+    assert load_run(two).placement == "2 nodes x 2 cpu"
