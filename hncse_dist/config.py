@@ -181,6 +181,8 @@ def _typed(key: str, value: Any) -> Any:
         if kind.startswith("float"):
             return float(value)
         if kind.startswith("str"):
+            if isinstance(value, bool):  # YAML 1.1 reads no/yes/off/on as booleans: mixed_precision: no
+                return "no" if value is False else "yes"
             return str(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{key}={value!r} is not a valid {kind.split(' ')[0]}") from None

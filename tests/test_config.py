@@ -284,3 +284,14 @@ def test_missing_model_folder_is_a_config_error(tmp_path):
         load_config(None, [f"train_file={corpus}", "model_name_or_path=/nonexistent"]).validate()
     assert str(err.value).startswith("model_name_or_path=/nonexistent is not a Hugging Face model folder "
                                      "(no config.json)")
+
+
+def test_yaml_no_stays_the_word_for_string_keys(tmp_path):
+    """`mixed_precision=no` (or `mixed_precision: no` in a file): YAML reads it as False."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("x\n")
+    cfg = load_config(None, [f"train_file={corpus}", "eval_file=null", "mixed_precision=no"]).validate()
+    assert cfg.mixed_precision == "no"
+    conf = tmp_path / "c.yaml"
+    conf.write_text(f"train_file: {corpus}\neval_file: null\nmixed_precision: no\n")
+    assert load_config(str(conf)).validate().mixed_precision == "no"
