@@ -23,7 +23,7 @@ from .encoder import Encoder, ModelSetupError, require_dropout
 from .gather import all_ranks_agree
 from .launch_env import setup_launch_env
 from .metrics import (STSB_DEV_KEY, FlopsModel, MetricsLog, hparams_of, memory_gb, parse_report_to, peak_flops,
-                      progress_line, steady_rate)
+                      progress_line, release_free_memory, steady_rate)
 from .gradcache import cached_contrastive_step
 from .objective import HncseLoss, ObjectiveConfig, alignment, uniformity
 from .rundir import refuse_foreign_run
@@ -359,6 +359,8 @@ def train(cfg: TrainConfig) -> int:
                     bar.set_postfix(loss=f"{values['loss']:.4f}", sps=f"{values['sentences_per_s']:.0f}")
                 else:  # batch logs (sbatch, nohup): one plain line per window instead of a bar
                     acc.print(progress_line(step, steps, values, (steps - step) * elapsed / window_steps))
+                if acc.device.type == "cpu":
+                    release_free_memory()  # a flat memory curve over long CPU runs
                 window_start, window_steps, window_stats = time.perf_counter(), 0, {}
                 window_tokens, window_flops = 0, 0.0
 
