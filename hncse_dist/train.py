@@ -291,7 +291,7 @@ def train(cfg: TrainConfig) -> int:
                 window_start = time.perf_counter()  # evaluation and checkpoints are not training time
 
     if exit_code == 0:
-        export(acc, model, out_dir / "final")
+        export(acc, model, out_dir / "final", cfg.export_dtype)
         write_summary(cfg, out_dir, state, steps, world_size)
     if bar is not None:
         bar.close()
@@ -329,7 +329,7 @@ def maybe_eval(cfg, acc, model, state, log, out_dir: Path, step: int) -> None:
     if score > state["best_dev"]:
         state["best_dev"] = score
         if cfg.save_best:
-            export(acc, model, out_dir / "best")
+            export(acc, model, out_dir / "best", cfg.export_dtype)
 
 
 def parameter_digest(model) -> str | None:
@@ -344,12 +344,12 @@ def parameter_digest(model) -> str | None:
     return h.hexdigest()
 
 
-def export(acc, model, out_dir: Path) -> None:
-    """Write an AutoModel + SentenceTransformer folder (consolidating ZeRO-3 shards)."""
-    state_dict = acc.get_state_dict(model)  # a collective under ZeRO-3
-    if acc.is_main_process:
-        acc.unwrap_model(model).save_pretrained(out_dir, state_dict=state_dict)
-    acc.wait_for_everyone()
+def export(acc, model, out_dir: Path, dtype: str = "fp32") -> None:
+    """Write an AutoModel + SentenceTransformer folder in ``dtype`` from the fp32 (master)
+    weights, consolidating ZeRO partitions (a collective: every rank calls it)."""
+    from .export import export_from_training
+
+    export_from_training(acc, model, out_dir, dtype)
 
 
 def write_summary(cfg: TrainConfig, out_dir: Path, state: dict, steps: int, world_size: int) -> None:
