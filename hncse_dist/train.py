@@ -113,6 +113,7 @@ def build_stream(cfg: TrainConfig, tokenizer, acc):
         shard_dir, tokenizer, cfg.batch_size, cfg.max_seq_length, seed=cfg.seed,
         rank=acc.process_index, world_size=acc.num_processes,
         num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer,
+        worker_start="forkserver",  # workers must not inherit the model (see ShardStream)
     )
 
 
