@@ -799,23 +799,35 @@ def whole_run(args: argparse.Namespace, variants: list[str]) -> None:
                        HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
             print(f"[whole run] {variant} ...", flush=True)
             start = time.perf_counter()
-            proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
+            # Own session: on a timeout the launcher AND its ranks are stopped (one process group).
+            proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, start_new_session=True)
+            try:
+                _, stderr = proc.communicate(timeout=args.timeout)
+                code = proc.returncode
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+                _, stderr = proc.communicate()
+                code = "timeout"
+            tail = (stderr or "")[-4000:]
             ranks = sorted((json.loads(p.read_text()) for p in out.glob("rank*.json")), key=lambda r: r["rank"])
             run: dict[str, Any] = {"seconds": time.perf_counter() - start, "ranks": ranks}
-            if proc.returncode != 0 or len(ranks) != NPROC:
-                run["error"] = f"exit {proc.returncode}, {len(ranks)} rank records"
-                run["stderr_tail"] = proc.stderr[-4000:]
+            if code != 0 or len(ranks) != NPROC:
+                run["error"] = f"exit {code} after {run['seconds']:.0f} s, {len(ranks)} rank records"
+                run["stderr_tail"] = tail
                 print(run["error"], run["stderr_tail"], flush=True)
             else:
                 print("    peak RSS MB per rank:", [round(r["peak_rss_kb"] * 1024 / MB) for r in ranks],
                       f"({run['seconds']:.0f} s)", flush=True)
             report["results"][variant] = run
-    out_dir = Path(args.out_dir)
+            write_whole_run(report, Path(args.out_dir))  # after every variant: a slow one loses nothing
+    print(whole_run_markdown(report))
+
+
+def write_whole_run(report: dict[str, Any], out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "zero_memory_whole_run.json").write_text(json.dumps(report, indent=2))
-    text = whole_run_markdown(report)
-    (out_dir / "zero_memory_whole_run.md").write_text(text)
-    print(text)
+    (out_dir / "zero_memory_whole_run.md").write_text(whole_run_markdown(report))
 
 
 def whole_run_markdown(report: dict[str, Any]) -> str:
@@ -847,8 +859,9 @@ def whole_run_markdown(report: dict[str, Any]) -> str:
         pss = sum(r["peak_pss_rank_and_workers_kb"] for r in run["ranks"])
         top = max(run["ranks"], key=lambda r: r["peak_rss_kb"])
         phases = " | ".join(f"{mb(top['phases'].get(p, {}).get('hwm_kb', 0)):.0f}" for p in WHOLE_RUN_PHASES)
-        lines.append(f"| {variant} | {mb(rss):.0f} | {rss / base_rss:.2f} | {mb(pss):.0f} | {pss / base_pss:.2f} | "
-                     f"{phases} |")
+        ratio = f"{rss / base_rss:.2f}" if base_rss else "n/a"
+        pss_ratio = f"{pss / base_pss:.2f}" if base_pss else "n/a"
+        lines.append(f"| {variant} | {mb(rss):.0f} | {ratio} | {mb(pss):.0f} | {pss_ratio} | {phases} |")
     return "\n".join(lines) + "\n"
 
 
@@ -889,7 +902,9 @@ def main() -> None:
         if "--variants" not in given:
             args.variants = "ddp,zero2,zero3"
         if "--steps" not in given:
-            args.steps = 3
+            args.steps = 2
+        if "--timeout" not in given:
+            args.timeout = 3600
         whole_run(args, [v for v in args.variants.split(",") if v])
         return
 

@@ -1,5 +1,7 @@
 """DeepSpeed ZeRO-1, ZeRO-2 and ZeRO-3 (CPU accelerator, gloo) through Accelerate: the loss curve of 2
-processes equals the plain-DDP run from the same seed; ZeRO-3 consolidates to a plain export."""
+processes equals the plain-DDP run from the same seed (fp32 exactly, bf16 within a stated
+tolerance, cls and avg poolers); exports hold the fp32 master weights and equal 'hncse-dist
+export' of the checkpoint; ZeRO-3 loads the model partitioned, head included, in one dtype."""
 
 import json
 from pathlib import Path
@@ -143,3 +145,20 @@ def test_export_dtype_casts_weights_and_names_it_in_config(tmp_path, tiny_bert):
     assert AutoModel.from_pretrained(str(tmp_path / "bf16")).dtype == torch.bfloat16
     with pytest.raises(ConfigError, match="export_dtype='int8': use one of fp32, bf16, fp16"):
         TrainConfig(train_file=str(tiny_bert) + "/config.json", export_dtype="int8").validate()
+
+
+@pytest.mark.deepspeed
+@pytest.mark.dist
+def test_zero3_fp16_loads_partitioned_in_one_dtype(tmp_path, tiny_bert):
+    """fp16 cannot train on a CPU, but it builds the model on the path bf16 takes (whose training
+    is tested above): backbone and cls head partitioned at load, in fp16."""
+    precision, dtype = "fp16", "torch.float16"
+    from tests.launch import torchrun
+
+    out = tmp_path / "load.json"
+    torchrun(2, ["tests/scripts/zero3_load_check.py", tiny_bert, precision, str(out)], timeout=300)
+    for rank in (0, 1):
+        r = json.loads((tmp_path / f"load-{rank}.json").read_text())
+        assert r["all_partitioned"] and r["materialised_elements"] == 0  # nothing whole on any rank
+        assert r["held_elements"] == pytest.approx(r["full_elements"] / 2, rel=0.01)  # each rank holds half
+        assert r["dtypes"] == r["head_dtypes"] == [dtype]
