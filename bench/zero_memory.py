@@ -657,7 +657,7 @@ def command_line() -> str:
 # sum over both ranks is the machine's real use). VmHWM is also read when each phase ends
 # (the product functions are wrapped, not copied), so the table says where the peak is reached.
 
-WHOLE_RUN_PHASES = ("accelerator", "load", "prepare", "steps+checkpoint", "export")
+WHOLE_RUN_PHASES = ("accelerator", "load", "prepare", "steps", "steps+checkpoint", "export")
 
 
 def _proc_kb(pid: int | str, field: str, name: str = "status") -> int:
@@ -743,6 +743,7 @@ def whole_run_rank(args: argparse.Namespace) -> None:
     _after(trainer, "make_accelerator", "accelerator", sampler)
     _after(Encoder, "from_pretrained", "load", sampler)
     _after(accelerate.Accelerator, "prepare", "prepare", sampler)
+    _after(trainer, "maybe_eval", "steps", sampler)  # called after every step, before its checkpoint
     _after(Checkpointer, "save", "steps+checkpoint", sampler)
     _after(trainer, "export", "export", sampler)
     overrides = [f"model_name_or_path={args.model}", f"train_file={args.corpus}", f"output_dir={args.out}/run",
@@ -858,7 +859,8 @@ def whole_run_markdown(report: dict[str, Any]) -> str:
         rss = max(r["peak_rss_kb"] for r in run["ranks"])
         pss = sum(r["peak_pss_rank_and_workers_kb"] for r in run["ranks"])
         top = max(run["ranks"], key=lambda r: r["peak_rss_kb"])
-        phases = " | ".join(f"{mb(top['phases'].get(p, {}).get('hwm_kb', 0)):.0f}" for p in WHOLE_RUN_PHASES)
+        phases = " | ".join(f"{mb(top['phases'][p]['hwm_kb']):.0f}" if p in top["phases"] else "n/a"
+                            for p in WHOLE_RUN_PHASES)
         ratio = f"{rss / base_rss:.2f}" if base_rss else "n/a"
         pss_ratio = f"{pss / base_pss:.2f}" if base_pss else "n/a"
         lines.append(f"| {variant} | {mb(rss):.0f} | {ratio} | {mb(pss):.0f} | {pss_ratio} | {phases} |")
