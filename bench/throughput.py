@@ -84,6 +84,14 @@ sys.path.insert(0, str(REPO_ROOT))
 from hncse_dist.bank import NegativeBank, sentence_keys  # noqa: E402
 from hncse_dist.encoder import Encoder  # noqa: E402
 from hncse_dist.objective import OBJECTIVES, HncseLoss, ObjectiveConfig, hncse_loss  # noqa: E402
+
+DEVICE = torch.device("cpu")  # --device; bench/gpu_check.sh runs this script with --device cuda
+
+
+def sync() -> None:
+    """CUDA kernels run asynchronously: wait for them before reading the clock."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 from hncse_dist.train import contrastive_step  # noqa: E402
 
 BATCH_SIZE = 64
@@ -150,8 +158,8 @@ class MatmulPeak:
 
     def __init__(self, dtype: torch.dtype, n: int = PEAK_N, reps: int = 3):
         gen = torch.Generator().manual_seed(0)
-        self.a = torch.randn(n, n, generator=gen).to(dtype)
-        self.b = torch.randn(n, n, generator=gen).to(dtype)
+        self.a = torch.randn(n, n, generator=gen).to(DEVICE, dtype)
+        self.b = torch.randn(n, n, generator=gen).to(DEVICE, dtype)
         self.flops = 2.0 * n**3
         self.reps = reps
 
@@ -160,6 +168,7 @@ class MatmulPeak:
         for _ in range(self.reps):
             start = time.perf_counter()
             torch.mm(self.a, self.b)
+            sync()
             best = min(best, time.perf_counter() - start)
         return self.flops / best
 
@@ -169,7 +178,7 @@ class MatmulPeak:
 
 def autocast(precision: str) -> contextlib.AbstractContextManager:
     if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast(DEVICE.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -185,6 +194,7 @@ class PhaseClock:
         try:
             yield
         finally:
+            sync()
             self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - start
 
 
@@ -267,7 +277,7 @@ def make_hncse_step(setup: ModelSetup, objective: str, precision: str,
     bank = NegativeBank(BANK_BATCHES if objective in ("hnm", "hncse") else 0)
     for z, keys in setup.bank_fill:
         bank.push(z, keys)
-    generator = torch.Generator().manual_seed(42_000)
+    generator = torch.Generator(device=DEVICE).manual_seed(42_000)
     model, opt, ids, mask = setup.encoder, optimizer or setup.encoder_opt, setup.ids, setup.mask
 
     def step(clock: PhaseClock) -> float:
@@ -327,27 +337,29 @@ def build_setup(name: str, path: str, sentences: list[str], bank_sentences: list
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
     torch.manual_seed(0)
-    encoder = Encoder.from_pretrained(path, pooler="cls")
+    encoder = Encoder.from_pretrained(path, pooler="cls").to(DEVICE)
     encoder.train()
     feats = encoder.tokenize(sentences, MAX_LENGTH)
-    ids, mask = feats["input_ids"], feats["attention_mask"]
+    ids, mask = feats["input_ids"].to(DEVICE), feats["attention_mask"].to(DEVICE)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tiny model has no modules.json: mean pooling is created
-        st_model = SentenceTransformer(path, device="cpu")
+        st_model = SentenceTransformer(path, device=str(DEVICE))
     st_model.max_seq_length = MAX_LENGTH
     st_model.train()
     st_features = st_model.preprocess(sentences)
-    if not torch.equal(st_features["input_ids"], ids):
+    if not torch.equal(st_features["input_ids"], ids.cpu()):
         raise RuntimeError("sentence-transformers and hncse-dist tokenized the batch differently")
+    st_features = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in st_features.items()}
 
     # Steady-state bank: the detached positives of 16 earlier batches, computed by the model.
     bank_fill = []
     with torch.no_grad():
         for start in range(0, len(bank_sentences), BATCH_SIZE):
             b = encoder.tokenize(bank_sentences[start : start + BATCH_SIZE], MAX_LENGTH)
-            z = encoder(b["input_ids"], b["attention_mask"]).float()
-            bank_fill.append((z, sentence_keys(b["input_ids"], b["attention_mask"])))
+            b_ids, b_mask = b["input_ids"].to(DEVICE), b["attention_mask"].to(DEVICE)
+            z = encoder(b_ids, b_mask).float()
+            bank_fill.append((z, sentence_keys(b_ids, b_mask)))
 
     sequences = 2 * ids.shape[0]
     return ModelSetup(
@@ -390,7 +402,7 @@ def objective_micro(setup: ModelSetup, objectives: list[str], reps: int) -> dict
         bank.push(z, k)
     bank_z, bank_keys = bank.contents()
     cfg = ObjectiveConfig(temperature=TEMPERATURE)
-    generator = torch.Generator().manual_seed(1)
+    generator = torch.Generator(device=DEVICE).manual_seed(1)
     times: dict[str, list[float]] = {o: [] for o in objectives}
     for r in range(reps + 2):
         for obj in objectives:
@@ -400,6 +412,7 @@ def objective_micro(setup: ModelSetup, objectives: list[str], reps: int) -> dict
             loss, _ = hncse_loss(z1, z2, obj, bank_z if uses_bank else None, config=cfg, keys=keys,
                                  bank_keys=bank_keys if uses_bank else None, generator=generator, return_stats=True)
             loss.backward()
+            sync()
             if r >= 2:
                 times[obj].append(time.perf_counter() - start)
     return times
@@ -413,7 +426,7 @@ def optimizer_micro(setup: ModelSetup, reps: int) -> dict[str, list[float]]:
               for kind in ("default", "fused")}
     opts = {"default": torch.optim.AdamW(params["default"], lr=LEARNING_RATE),
             "fused": torch.optim.AdamW(params["fused"], lr=LEARNING_RATE, fused=True)}
-    grads = [torch.randn(p.shape, generator=gen) * 1e-3 for p in setup.encoder.parameters()]
+    grads = [(torch.randn(p.shape, generator=gen) * 1e-3).to(p.device) for p in setup.encoder.parameters()]
     times: dict[str, list[float]] = {k: [] for k in opts}
     for r in range(reps + 1):
         for kind, opt in opts.items():
@@ -421,6 +434,7 @@ def optimizer_micro(setup: ModelSetup, reps: int) -> dict[str, list[float]]:
                 p.grad = g.clone()
             start = time.perf_counter()
             opt.step()
+            sync()
             if r >= 1:
                 times[kind].append(time.perf_counter() - start)
     return times
@@ -439,6 +453,7 @@ def run_rounds(variants: list[Variant], peaks: dict[str, MatmulPeak], warmup: in
             clock = PhaseClock()
             start = time.perf_counter()
             loss = v.run(clock)
+            sync()
             elapsed = time.perf_counter() - start
             if timed:
                 v.step_s.append(elapsed)
@@ -651,6 +666,7 @@ def profile_variants(variants: list[Variant], names: list[str], steps: int, top:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=8, help="timed rounds (one step of every variant each)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where models and batches live")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     parser.add_argument("--precision", choices=("fp32", "bf16", "both"), default="both")
     parser.add_argument("--models", default="minilm,tiny", help="comma list of minilm, tiny")
@@ -671,6 +687,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     if args.summarize_only:
         write_report(json.loads(args.output.read_text(encoding="utf-8")), args.output)
         return 0
@@ -723,7 +741,7 @@ def main() -> int:
         micro[m] = {"objective_s": objective_micro(setup, objectives, args.micro_reps),
                     "adamw_step_s": optimizer_micro(setup, max(5, args.micro_reps // 3))}
 
-    meta = {"threads": args.threads, "steps": args.steps, "warmup": args.warmup, "loadavg_start": loadavg_start,
+    meta = {"device": args.device, "threads": args.threads, "steps": args.steps, "warmup": args.warmup, "loadavg_start": loadavg_start,
             "loadavg_end": os.getloadavg()[0], "st_collator_s": collator, "wall_s": wall}
     result = {
         "config": {"batch_size": BATCH_SIZE, "views": 2, "max_length": MAX_LENGTH, "bank_batches": BANK_BATCHES,

@@ -647,6 +647,226 @@ def command_line() -> str:
     return f"{env}{python} bench/zero_memory.py {' '.join(sys.argv[1:])}".rstrip()
 
 
+# ---------------------------------------------------------------- whole run (peak RSS per rank)
+#
+# --whole-run: the product's own `train()` from start to end (load, prepare, steps, checkpoint,
+# export) on NPROC ranks, per variant, with a bert-base-shaped random model saved to a temp
+# folder. Each rank samples its memory every 0.2 s on a thread: VmRSS of the rank process
+# (peak = VmHWM, what `ps`/schedulers report) and PSS of the rank plus its descendants (the
+# DataLoader workers and their fork server; PSS splits shared pages between processes, so the
+# sum over both ranks is the machine's real use). VmHWM is also read when each phase ends
+# (the product functions are wrapped, not copied), so the table says where the peak is reached.
+
+WHOLE_RUN_PHASES = ("accelerator", "load", "prepare", "steps", "steps+checkpoint", "export")
+
+
+def _proc_kb(pid: int | str, field: str, name: str = "status") -> int:
+    try:
+        for line in open(f"/proc/{pid}/{name}"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            kids = [int(c) for t in os.listdir(f"/proc/{p}/task") for c in open(f"/proc/{p}/task/{t}/children").read().split()]
+        except OSError:
+            kids = []
+        out += kids
+        todo += kids
+    return out
+
+
+class MemorySampler:
+    """Peak VmRSS of this process and peak PSS of this process + descendants (kB), sampled."""
+
+    def __init__(self, interval: float = 0.2) -> None:
+        import threading
+
+        self.peak_rss_kb = self.peak_pss_tree_kb = self.peak_workers = 0
+        self.phases: dict[str, dict[str, int]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+        self._thread.start()
+
+    def _run(self, interval: float) -> None:
+        me = os.getpid()
+        while not self._stop.wait(interval):
+            kids = _descendants(me)
+            self.peak_rss_kb = max(self.peak_rss_kb, _proc_kb(me, "VmRSS"))
+            pss = _proc_kb(me, "Pss", "smaps_rollup") + sum(_proc_kb(k, "Pss", "smaps_rollup") for k in kids)
+            self.peak_pss_tree_kb = max(self.peak_pss_tree_kb, pss)
+            self.peak_workers = max(self.peak_workers, len(kids))
+
+    def mark(self, phase: str) -> None:
+        self.phases[phase] = {"hwm_kb": _proc_kb("self", "VmHWM"), "rss_kb": _proc_kb("self", "VmRSS")}
+
+    def stop(self) -> dict[str, Any]:
+        self._stop.set()
+        self._thread.join()
+        return {"peak_rss_kb": max(self.peak_rss_kb, _proc_kb("self", "VmHWM")),
+                "peak_pss_rank_and_workers_kb": self.peak_pss_tree_kb, "max_descendants": self.peak_workers,
+                "phases": self.phases}
+
+
+def _after(owner: Any, name: str, phase: str, sampler: MemorySampler) -> None:
+    """Wrap ``owner.name`` (a function, method or classmethod) so that the sampler marks ``phase``
+    when it returns."""
+    import inspect
+
+    static = inspect.getattr_static(owner, name)
+    func = static.__func__ if isinstance(static, classmethod) else getattr(owner, name)
+
+    def wrapped(*a: Any, **kw: Any) -> Any:
+        out = func(*a, **kw)
+        sampler.mark(phase)
+        return out
+
+    setattr(owner, name, classmethod(wrapped) if isinstance(static, classmethod) else wrapped)
+
+
+def whole_run_rank(args: argparse.Namespace) -> None:
+    import accelerate
+
+    import hncse_dist.train as trainer
+    from hncse_dist.checkpoint import Checkpointer
+    from hncse_dist.config import load_config
+    from hncse_dist.encoder import Encoder
+
+    sampler = MemorySampler()
+    _after(trainer, "make_accelerator", "accelerator", sampler)
+    _after(Encoder, "from_pretrained", "load", sampler)
+    _after(accelerate.Accelerator, "prepare", "prepare", sampler)
+    _after(trainer, "maybe_eval", "steps", sampler)  # called after every step, before its checkpoint
+    _after(Checkpointer, "save", "steps+checkpoint", sampler)
+    _after(trainer, "export", "export", sampler)
+    overrides = [f"model_name_or_path={args.model}", f"train_file={args.corpus}", f"output_dir={args.out}/run",
+                 f"batch_size={BATCH_SIZE}", f"max_seq_length={MAX_LENGTH}", f"max_steps={args.steps}",
+                 "log_every=1", "eval_file=null", "save_every=0", "num_workers=2", "progress=false",
+                 "objective=hncse", "bank_size=4", f"mixed_precision={args.precision}"]
+    if DS_CONFIGS[args.variant]:
+        overrides.append(f"deepspeed={DS_CONFIGS[args.variant]}")
+    code = trainer.train(load_config(None, overrides).validate())
+    record = {"rank": int(os.environ["RANK"]), "exit": code, **sampler.stop()}
+    Path(args.out, f"rank{record['rank']}.json").write_text(json.dumps(record))
+    sys.stdout.flush()
+    os._exit(0)  # DeepSpeed's CPU communication threads may abort a normal interpreter teardown
+
+
+def build_base_shaped_model(out: Path, hidden: int, layers: int) -> int:
+    from transformers import AutoTokenizer, BertConfig, BertModel
+    import torch
+
+    from hncse_dist.encoder import resolve_model_path
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("packaged"))
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers,
+                     num_attention_heads=hidden // 64, intermediate_size=4 * hidden)
+    torch.manual_seed(0)
+    model = BertModel(cfg, add_pooling_layer=False)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return sum(p.numel() for p in model.parameters())
+
+
+def whole_run(args: argparse.Namespace, variants: list[str]) -> None:
+    report: dict[str, Any] = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                              "command": command_line(), "machine": machine(), "steps": args.steps,
+                              "world_size": NPROC, "precision": args.precision, "units": "MB = 1e6 bytes",
+                              "results": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(tmp) / "model"
+        n = build_base_shaped_model(model, args.hidden, args.layers)
+        report["model"] = {"hidden": args.hidden, "layers": args.layers, "parameters": n, "fp32_mb": n * 4 / MB}
+        corpus = Path(tmp) / "corpus.txt"
+        sample = REPO_ROOT / "hncse_dist" / "resources"
+        lines = next(sample.glob("wiki*")).read_text().splitlines()[:4000] if list(sample.glob("wiki*")) else \
+            [f"sentence number {i} about a cat and a dog" for i in range(4000)]
+        corpus.write_text("\n".join(lines) + "\n")
+        for variant in variants:
+            out = Path(tmp) / variant
+            out.mkdir()
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(NPROC),
+                   "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(Path(__file__).resolve()),
+                   "--whole-run-rank", "--variant", variant, "--precision", args.precision, "--steps", str(args.steps),
+                   "--model", str(model), "--corpus", str(corpus), "--out", str(out)]
+            env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT), TOKENIZERS_PARALLELISM="false",
+                       HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+            print(f"[whole run] {variant} ...", flush=True)
+            start = time.perf_counter()
+            # Own session: on a timeout the launcher AND its ranks are stopped (one process group).
+            proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, start_new_session=True)
+            try:
+                _, stderr = proc.communicate(timeout=args.timeout)
+                code = proc.returncode
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+                _, stderr = proc.communicate()
+                code = "timeout"
+            tail = (stderr or "")[-4000:]
+            ranks = sorted((json.loads(p.read_text()) for p in out.glob("rank*.json")), key=lambda r: r["rank"])
+            run: dict[str, Any] = {"seconds": time.perf_counter() - start, "ranks": ranks}
+            if code != 0 or len(ranks) != NPROC:
+                run["error"] = f"exit {code} after {run['seconds']:.0f} s, {len(ranks)} rank records"
+                run["stderr_tail"] = tail
+                print(run["error"], run["stderr_tail"], flush=True)
+            else:
+                print("    peak RSS MB per rank:", [round(r["peak_rss_kb"] * 1024 / MB) for r in ranks],
+                      f"({run['seconds']:.0f} s)", flush=True)
+            report["results"][variant] = run
+            write_whole_run(report, Path(args.out_dir))  # after every variant: a slow one loses nothing
+    print(whole_run_markdown(report))
+
+
+def write_whole_run(report: dict[str, Any], out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "zero_memory_whole_run.json").write_text(json.dumps(report, indent=2))
+    (out_dir / "zero_memory_whole_run.md").write_text(whole_run_markdown(report))
+
+
+def whole_run_markdown(report: dict[str, Any]) -> str:
+    def mb(kb: int) -> float:
+        return kb * 1024 / MB
+
+    m, model = report["machine"], report["model"]
+    lines = [f"# Peak memory per rank over a whole training run ({report['precision']})", "",
+             f"- Date: {report['date']}; command (repository root): `{report['command']}`",
+             f"- Machine: {m['cpu']}, {m['cpus']} CPUs; torch {m['torch']}, deepspeed {m['deepspeed']}",
+             f"- Model: random BERT, hidden {model['hidden']}, {model['layers']} layers, "
+             f"{model['parameters']:,} parameters ({model['fp32_mb']:.0f} MB fp32); {NPROC} ranks, "
+             f"{report['steps']} HNCSE steps of {BATCH_SIZE} sentences x {MAX_LENGTH} tokens per rank, 2 DataLoader "
+             "workers, one checkpoint, the final export",
+             "- peak RSS: VmHWM of the rank process (the larger rank); PSS: rank + its workers, sampled every 0.2 s, "
+             "summed over both ranks (shared pages split, so this is the run's real use). Phases: VmHWM when each ends.",
+             "",
+             "| variant | peak RSS MB/rank | ratio vs DDP | PSS MB, both ranks + workers | ratio vs DDP | "
+             + " | ".join(f"after {p}" for p in WHOLE_RUN_PHASES) + " |",
+             "|---|---:|---:|---:|---:|" + "---:|" * len(WHOLE_RUN_PHASES)]
+    ddp = report["results"].get("ddp")
+    base_rss = max(r["peak_rss_kb"] for r in ddp["ranks"]) if ddp and "error" not in ddp else None
+    base_pss = sum(r["peak_pss_rank_and_workers_kb"] for r in ddp["ranks"]) if base_rss else None
+    for variant, run in report["results"].items():
+        if "error" in run:
+            lines.append(f"| {variant} | failed: {run['error']} |")
+            continue
+        rss = max(r["peak_rss_kb"] for r in run["ranks"])
+        pss = sum(r["peak_pss_rank_and_workers_kb"] for r in run["ranks"])
+        top = max(run["ranks"], key=lambda r: r["peak_rss_kb"])
+        phases = " | ".join(f"{mb(top['phases'][p]['hwm_kb']):.0f}" if p in top["phases"] else "n/a"
+                            for p in WHOLE_RUN_PHASES)
+        ratio = f"{rss / base_rss:.2f}" if base_rss else "n/a"
+        pss_ratio = f"{pss / base_pss:.2f}" if base_pss else "n/a"
+        lines.append(f"| {variant} | {mb(rss):.0f} | {ratio} | {mb(pss):.0f} | {pss_ratio} | {phases} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", default="ddp,zero1,zero2,zero3")
@@ -661,9 +881,33 @@ def main() -> None:
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--whole-run", action="store_true",
+                        help="peak RSS per rank over a whole training run (load, prepare, steps, checkpoint, "
+                             "export) of a bert-base-shaped model: --variants ddp,zero2,zero3, --precision, "
+                             "--hidden 768 --layers 12 unless given")
+    parser.add_argument("--whole-run-rank", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--corpus", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
+        return
+    if args.whole_run_rank:
+        whole_run_rank(args)
+        return
+    if args.whole_run:
+        given = set(sys.argv[1:])
+        if "--hidden" not in given:
+            args.hidden = 768
+        if "--layers" not in given:
+            args.layers = 12
+        if "--variants" not in given:
+            args.variants = "ddp,zero2,zero3"
+        if "--steps" not in given:
+            args.steps = 2
+        if "--timeout" not in given:
+            args.timeout = 3600
+        whole_run(args, [v for v in args.variants.split(",") if v])
         return
 
     variants = [v for v in args.variants.split(",") if v]

@@ -92,6 +92,7 @@ class TrainConfig(ObjectiveConfig):
     save_every: int = 0  # checkpoint every N steps (0: only at the end / on preemption)
     keep_last: int = 2
     save_best: bool = True  # export the best STS-B dev model to output_dir/best
+    export_dtype: str = "fp32"  # fp32 | bf16 | fp16: weights of best/ and final/ (from the fp32 master weights under DeepSpeed)
     resume: str | None = None  # "latest" or a checkpoint folder
     overwrite: bool = False  # replace the run already in output_dir (without it, such a folder is refused)
     deepspeed: str | None = None  # ds_configs/zero2.json etc.
@@ -116,6 +117,8 @@ class TrainConfig(ObjectiveConfig):
             raise ConfigError(f"padding_side={self.padding_side!r}: use left, right or null (the tokenizer's own)")
         if self.mixed_precision not in PRECISIONS:
             raise ConfigError(f"mixed_precision={self.mixed_precision!r}: use one of no, bf16, fp16")
+        if self.export_dtype not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"export_dtype={self.export_dtype!r}: use one of fp32, bf16, fp16")
         if self.train_file is None and self.train_shards is None:
             raise ConfigError("no training data: set train_file=PATH (one sentence per line) or train_shards=DIR")
         if self.train_file is not None and not Path(self.train_file).is_file():

@@ -87,6 +87,26 @@ def last_token(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
+def zero3_partitioned(module: nn.Module) -> bool:
+    """Whether DeepSpeed ZeRO-3 holds ``module``'s parameters as partitions (loaded under zero.Init)."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+def build_head(hidden: int, backbone: nn.Module) -> nn.Module:
+    """SimCSE's MLP head (Linear + Tanh). Under ZeRO-3 the backbone is loaded partitioned in
+    the run's dtype (bf16 or fp16 when the DeepSpeed config enables them): the head is built
+    in the same zero.Init and dtype, so DeepSpeed sees one partitioned group of one dtype
+    (it refuses mixed dtypes). bf16 and fp16 take this same path."""
+    if not zero3_partitioned(backbone):
+        return nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh())
+    import deepspeed
+    from transformers.integrations import deepspeed_config
+
+    dtype = next(backbone.parameters()).dtype
+    with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(), dtype=dtype):
+        return nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh())
+
+
 class Encoder(nn.Module):
     """Backbone + pooler + MLP head; ``forward`` returns one embedding per sequence."""
 
@@ -108,7 +128,7 @@ class Encoder(nn.Module):
             backbone.config.use_cache = False  # no key/value cache: one forward per batch, no generation
         self.notes: list[str] = prepare_tokenizer(tokenizer, backbone, append_eos, padding_side)
         hidden = backbone.config.hidden_size
-        self.head = nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh()) if pooler == "cls" else None
+        self.head = build_head(hidden, backbone) if pooler == "cls" else None
         # Padding-free forward (hncse_dist.packed) where the architecture allows it.
         self.packed = packed and supports_packing(backbone)
         if packed and not self.packed:
@@ -156,7 +176,14 @@ class Encoder(nn.Module):
             enc.notes.insert(0, f"dropout={dropout}: set {', '.join(dropout_keys)} of {model_name(backbone)}")
         head_file = Path(path) / HEAD_FILE
         if enc.head is not None and head_file.is_file():
-            enc.head.load_state_dict(torch.load(head_file, map_location="cpu", weights_only=True))
+            head_sd = torch.load(head_file, map_location="cpu", weights_only=True)
+            if zero3_partitioned(enc.head):  # gather, load on rank 0, re-partition (a collective)
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters(list(enc.head.parameters()), modifier_rank=0):
+                    enc.head.load_state_dict(head_sd)
+            else:
+                enc.head.load_state_dict(head_sd)
         return enc
 
     def enable_checkpointing(self) -> None:

@@ -59,5 +59,72 @@ def export_any(source: str, output: str, pooler: str | None = None) -> Path:
     missing, unexpected = enc.load_state_dict(state, strict=False)
     if unexpected or [k for k in missing if not k.startswith("head.")]:
         raise ValueError(f"checkpoint does not match {run['model_name_or_path']}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    enc.save_pretrained(output)
+    # The run's export_dtype, so that this equals the run's own best/ and final/ exports.
+    save_encoder(enc, output, {k: v.detach() for k, v in enc.state_dict().items()}, run.get("export_dtype", "fp32"))
     return Path(output)
+
+
+EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def master_state_dict(acc, model) -> dict[str, torch.Tensor] | None:
+    """The Encoder's state dict in fp32 on the main process (None elsewhere).
+
+    Under DeepSpeed the module holds bf16/fp16 copies (ZeRO-3: only partitions); the weights
+    the optimizer updates are its fp32 master partitions, which ``safe_get_full_fp32_param``
+    assembles one parameter at a time (a collective: every rank calls it, in the same order).
+    These are the numbers ``zero_to_fp32`` reads back from a checkpoint, so an export at the
+    end of a run equals ``hncse-dist export`` of its last checkpoint."""
+    from accelerate.utils import DistributedType
+
+    module = acc.unwrap_model(model)
+    if acc.distributed_type != DistributedType.DEEPSPEED:
+        state = acc.get_state_dict(model)
+        return {k: v.detach().cpu() for k, v in state.items()} if acc.is_main_process else None
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out: dict[str, torch.Tensor] = {}
+    for name, t in module.state_dict(keep_vars=True).items():
+        if isinstance(t, torch.nn.Parameter):
+            full = safe_get_full_fp32_param(t)
+            if full is None:  # no fp32 master (frozen): the module's own copy, gathered under ZeRO-3
+                full = _gathered_copy(t)
+        else:
+            full = t.detach()
+        if acc.is_main_process:
+            out[name] = full.detach().cpu()
+    return out if acc.is_main_process else None
+
+
+def _gathered_copy(param: torch.nn.Parameter) -> torch.Tensor:
+    if not hasattr(param, "ds_id"):
+        return param.detach().clone()
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([param]):
+        return param.detach().clone()
+
+
+def cast_state_dict(state: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
+    """Floating tensors to ``export_dtype`` (integer buffers stay as they are)."""
+    target = EXPORT_DTYPES[dtype]
+    return {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
+
+
+def save_encoder(encoder: Encoder, out_dir: str | Path, state: dict[str, torch.Tensor], dtype: str = "fp32") -> None:
+    """``encoder.save_pretrained`` with ``state`` cast to ``dtype``; config.json names that dtype
+    (transformers writes the dtype of the module, bf16 under DeepSpeed, not of the weights saved)."""
+    encoder.save_pretrained(out_dir, state_dict=cast_state_dict(state, dtype))
+    config_file = Path(out_dir) / "config.json"
+    config = json.loads(config_file.read_text())
+    config["dtype"] = str(EXPORT_DTYPES[dtype]).removeprefix("torch.")
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def export_from_training(acc, model, out_dir: Path, dtype: str = "fp32") -> None:
+    """Write an AutoModel + SentenceTransformer folder from a training run, any ZeRO stage
+    (every rank calls it; the main process writes)."""
+    state = master_state_dict(acc, model)
+    if acc.is_main_process:
+        save_encoder(acc.unwrap_model(model), out_dir, state, dtype)
+    acc.wait_for_everyone()

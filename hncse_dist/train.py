@@ -164,6 +164,7 @@ def build_stream(cfg: TrainConfig, tokenizer, acc):
         rank=acc.process_index, world_size=acc.num_processes,
         num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer,
         skip_corrupt=cfg.skip_corrupt, resampled=cfg.resampled,
+        worker_start="forkserver",  # workers must not inherit the model (see ShardStream)
     )
     if stream.skipped_shards:
         acc.print(stream.skip_report())
@@ -380,7 +381,7 @@ def train(cfg: TrainConfig) -> int:
                 window_tokens, window_flops = 0, 0.0
 
     if exit_code == 0:
-        export(acc, model, out_dir / "final")
+        export(acc, model, out_dir / "final", cfg.export_dtype)
         summary = write_summary(cfg, out_dir, state, steps, world_size)
         if summary is not None:
             log.hparams(asdict(cfg), {k: summary[k] for k in ("final_loss", "best_stsb_dev", "sentences_per_s", "mfu")})
@@ -460,7 +461,7 @@ def maybe_eval(cfg, acc, model, state, log, out_dir: Path, step: int, save=None)
     if score > state.best_dev:
         state.best_dev = score
         if cfg.save_best:
-            export(acc, model, out_dir / "best")
+            export(acc, model, out_dir / "best", cfg.export_dtype)
 
 
 def parameter_digest(model) -> str | None:
@@ -475,12 +476,12 @@ def parameter_digest(model) -> str | None:
     return h.hexdigest()
 
 
-def export(acc, model, out_dir: Path) -> None:
-    """Write an AutoModel + SentenceTransformer folder (consolidating ZeRO-3 shards)."""
-    state_dict = acc.get_state_dict(model)  # a collective under ZeRO-3
-    if acc.is_main_process:
-        acc.unwrap_model(model).save_pretrained(out_dir, state_dict=state_dict)
-    acc.wait_for_everyone()
+def export(acc, model, out_dir: Path, dtype: str = "fp32") -> None:
+    """Write an AutoModel + SentenceTransformer folder in ``dtype`` from the fp32 (master)
+    weights, consolidating ZeRO partitions (a collective: every rank calls it)."""
+    from .export import export_from_training
+
+    export_from_training(acc, model, out_dir, dtype)
 
 
 def write_summary(cfg: TrainConfig, out_dir: Path, state: TrainState, steps: int, world_size: int) -> dict | None:

@@ -281,3 +281,35 @@ def test_real_corpus_two_ranks_two_workers(tmp_path, tokenizer):
     assert [len(b) for b in per_rank] == [manifest["total"] // 64] * 2
     seen = flat(per_rank[0]) + flat(per_rank[1])
     assert len(seen) == len(set(seen)) == manifest["total"] - streams[0].dropped_per_epoch
+
+
+def _direct_children(pid: int) -> set[int]:
+    return {int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()}
+
+
+def _cmdline(pid: int) -> bytes:
+    return Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc (Linux)")
+@pytest.mark.parametrize("worker_start", [None, "forkserver"])
+def test_forkserver_workers_are_not_forked_from_the_caller(tmp_path, tokenizer, worker_start):
+    """The trainer's workers (worker_start="forkserver") fork from a clean server, not from the
+    process that holds the model; the batches are the same as with in-process loading."""
+    shard_dir, _ = make_shard_dir(tmp_path / "shards", [40, 40])
+    kwargs = dict(batch_size=4, max_length=8, shuffle_buffer=8, seed=1)
+    want = epoch_keys(ShardStream(shard_dir, tokenizer, num_workers=0, **kwargs))
+    me = os.getpid()
+    before = _direct_children(me)
+    batches = iter(ShardStream(shard_dir, tokenizer, num_workers=2, worker_start=worker_start, **kwargs))
+    got = [next(batches)["keys"]]
+    new = _direct_children(me) - before
+    forked_from_me = [p for p in new if _cmdline(p) == _cmdline(me)]
+    got += [b["keys"] for b in batches]
+    assert got == want
+    if worker_start is None:
+        assert len(forked_from_me) == 2  # fork: both workers are copies of this process
+    else:
+        assert forked_from_me == []
+        servers = [p for p in _direct_children(me) if b"forkserver" in _cmdline(p)]
+        assert len(servers) == 1

@@ -256,6 +256,7 @@ class ShardStream:
         resampled: bool = False,
         skip_corrupt: bool = False,
         prefetch_factor: int = 2,
+        worker_start: str | None = None,
     ) -> None:
         if batch_size < 1 or max_length < 1:
             raise ValueError(f"batch_size and max_length must be >= 1, got {batch_size}, {max_length}")
@@ -280,6 +281,10 @@ class ShardStream:
         self.shuffle_buffer = shuffle_buffer
         self.resampled = resampled
         self.prefetch_factor = prefetch_factor
+        # "forkserver": workers fork from a clean server process instead of from the caller, so
+        # they never share (and, once the caller updates it, duplicate) a model's pages. None:
+        # the platform default (fork on Linux).
+        self.worker_start = worker_start
         self._shards, skipped, self.skipped_shards = _usable_shards(shard_dir, skip_corrupt)
         self.skipped_samples = sum(i.count for i in skipped)
         self.total_samples = sum(i.count for i in self._shards)
@@ -366,7 +371,18 @@ class ShardStream:
             collate_fn=_keep_as_is,
             prefetch_factor=self.prefetch_factor,
             persistent_workers=False,
+            multiprocessing_context=self._worker_context(),
         )
+
+    def _worker_context(self):
+        if self.worker_start is None:
+            return None
+        import multiprocessing
+
+        ctx = multiprocessing.get_context(self.worker_start)
+        if self.worker_start == "forkserver":
+            ctx.set_forkserver_preload([__name__])  # the server imports torch once, not every worker
+        return ctx
 
     def __iter__(self) -> Iterator[Batch]:
         self._epoch, self._consumed = self._normalized_position()
