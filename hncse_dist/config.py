@@ -36,6 +36,15 @@ class TrainConfig(ObjectiveConfig):
     # data
     train_file: str | None = None  # one sentence per line (plain or .gz); converted to shards once
     train_shards: str | None = None  # folder written by 'hncse-dist shards'
+    # train_file's text encoding; with more than 1% of lines undecodable or holding NUL bytes the
+    # file is refused as binary / mis-encoded unless train_file_allow_repairs (then repaired, counted)
+    train_file_encoding: str = "utf-8"
+    train_file_allow_repairs: bool = False
+    # Leave out shards that are missing, truncated or differ from their manifest sha256 (checked
+    # at start: one extra read of every shard) and print their count, instead of stopping. Shards
+    # are also verified as they are read; one that changes during the run stops it either way.
+    skip_corrupt: bool = False
+    resampled: bool = False  # each rank draws shards with replacement (no exact epochs); resume may change batch/data
     max_seq_length: int = 32
     batch_size: int = 64  # per process; the global batch is batch_size * world size
     num_workers: int = 2

@@ -130,12 +130,20 @@ def build_stream(cfg: TrainConfig, tokenizer, acc):
     if shard_dir is None:
         cache = Path(cfg.output_dir) / "shards"
         with acc.main_process_first():
-            shard_dir = ensure_shards(cfg.train_file, str(cache))
-    return ShardStream(
+            try:
+                shard_dir = ensure_shards(cfg.train_file, str(cache), encoding=cfg.train_file_encoding,
+                                          allow_repairs=cfg.train_file_allow_repairs, report=acc.is_main_process)
+            except ValueError as err:  # refused input (binary, mis-encoded, an archive): a config problem
+                raise ConfigError(str(err)) from None
+    stream = ShardStream(
         shard_dir, tokenizer, cfg.batch_size, cfg.max_seq_length, seed=cfg.seed,
         rank=acc.process_index, world_size=acc.num_processes,
         num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer,
+        skip_corrupt=cfg.skip_corrupt, resampled=cfg.resampled,
     )
+    if stream.skipped_shards:
+        acc.print(stream.skip_report())
+    return stream
 
 
 def total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:

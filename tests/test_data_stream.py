@@ -175,7 +175,7 @@ def test_resume_refuses_other_world_size_unless_resampled(tmp_path, tokenizer):
     shard_dir, _ = make_shard_dir(tmp_path / "shards", [100, 100])
     state = ShardStream(shard_dir, tokenizer, 4, 8, world_size=2, num_workers=0).state_dict()
     four = ShardStream(shard_dir, tokenizer, 4, 8, world_size=4, num_workers=0)
-    with pytest.raises(ValueError, match=r"world_size=2.*this run has 4.*resampled=True"):
+    with pytest.raises(ValueError, match=r"world_size=2.*this run has 4.*resampled=true"):
         four.load_state_dict(state)
 
     saved = ShardStream(shard_dir, tokenizer, 4, 8, world_size=2, num_workers=0, resampled=True)

@@ -66,10 +66,34 @@ def load_manifest(shard_dir: str) -> dict[str, Any]:
     return manifest
 
 
+def shard_path(shard_dir: str, name: Any) -> str:
+    """``shard_dir/name``, refusing names that point outside the folder.
+
+    Only relative names without ``..`` components are accepted (sub-folders are fine, and so
+    are symbolic links the folder's owner placed there); absolute paths, parent references
+    and URLs (no shard source reads URLs) would let a manifest open arbitrary files.
+    """
+    reason = None
+    if not isinstance(name, str) or not name or "\x00" in name:
+        reason = "is not a file name"
+    elif re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", name):
+        reason = "is a URL; shards are read from the manifest's folder only"
+    elif os.path.isabs(name) or name.startswith(("/", "\\")):
+        reason = "is an absolute path"
+    elif ".." in re.split(r"[/\\]", name):
+        reason = "leaves the shard folder"
+    if reason:
+        raise ShardError(
+            f"shard name {name!r} in {os.path.join(shard_dir, MANIFEST_NAME)} {reason}: names must be "
+            "relative paths inside that folder. Fix: rebuild the manifest with `hncse-dist shards --index DIR`"
+        )
+    return os.path.join(shard_dir, name)
+
+
 def shard_infos(shard_dir: str, manifest: dict[str, Any]) -> list[ShardInfo]:
     return [
         ShardInfo(
-            path=os.path.join(shard_dir, e["name"]),
+            path=shard_path(shard_dir, e["name"]),
             count=e["count"],
             sha256=e.get("sha256"),
             size=e.get("bytes"),

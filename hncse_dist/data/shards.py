@@ -13,6 +13,7 @@ run restarted with the same arguments keeps every shard whose sha256 still match
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import hashlib
 import json
@@ -39,7 +40,17 @@ from .manifest import (
     shard_name,
     write_json_atomic,
 )
-from .sources import DEFAULT_MAX_LINE_BYTES, Cleaner, CleanOptions, Tally, check_source, iter_raw_texts
+from .sources import (
+    DEFAULT_MAX_LINE_BYTES,
+    Cleaner,
+    CleanOptions,
+    RepairLimit,
+    Tally,
+    TooManyRepairs,
+    check_source,
+    check_text_source,
+    iter_raw_texts,
+)
 from .tario import ShardReader, sha256_file, write_text_tar
 
 log = logging.getLogger(__name__)
@@ -91,11 +102,15 @@ def _cleaned_texts(inputs: list[str], cleaner: Cleaner, options: dict[str, Any])
             text_field=options["text_field"],
             column=options["column"],
             max_line_bytes=options["max_line_bytes"],
+            encoding=options["encoding"],
         )
+        limit = RepairLimit(source, cleaner.tally, options["encoding"], options["allow_repairs"])
         for raw in raw_texts:
             text = cleaner(raw)
+            limit.check()
             if text is not None:
                 yield text
+        limit.check(final=True)
 
 
 def _remove_stale_files(output_dir: str, keep: set[str]) -> None:
@@ -168,7 +183,9 @@ def _keep_or_write_shard(
     return {"name": name, "count": count, "sha256": sha, "bytes": size}, True
 
 
-def _validate_write_args(inputs: list[str], samples_per_shard: int, min_chars: int, max_chars: int, normalize: str | None) -> None:
+def _validate_write_args(
+    inputs: list[str], samples_per_shard: int, min_chars: int, max_chars: int, normalize: str | None, encoding: str
+) -> None:
     if not inputs:
         raise ValueError("no input given: pass at least one --input PATH")
     if samples_per_shard < 1:
@@ -177,8 +194,13 @@ def _validate_write_args(inputs: list[str], samples_per_shard: int, min_chars: i
         raise ValueError(f"need 1 <= min_chars <= max_chars, got {min_chars} and {max_chars}")
     if normalize is not None and normalize not in _NORMAL_FORMS:
         raise ValueError(f"normalize must be one of {_NORMAL_FORMS} or None, got {normalize!r}")
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise ValueError(f"unknown encoding {encoding!r}: pass a Python codec name such as utf-8, latin-1, cp1252") from None
     for source in inputs:
         check_source(source)
+        check_text_source(source)
 
 
 def _empty_input_error(inputs: list[str], tally: Tally) -> ValueError:
@@ -203,6 +225,8 @@ def write_shards(
     progress: bool = True,
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
     gzip: bool = False,
+    encoding: str = "utf-8",
+    allow_repairs: bool = False,
 ) -> dict[str, Any]:
     """Clean ``inputs`` into ``output_dir/shard-%06d.tar`` (``.tar.gz`` with ``gzip``: a tar
     spends about 1 KiB of header and padding per short sentence, gzip removes most of it) plus
@@ -212,13 +236,19 @@ def write_shards(
     header name, or a 0-based index for header-less files), .json/.parquet/.arrow files,
     dataset directories or Hub names via ``datasets``. Rerunning with the same arguments
     keeps finished shards whose sha256 matches and returns at once when all are current.
+
+    Line-based inputs are decoded with ``encoding``; lines that do not decode are repaired
+    (U+FFFD) and NUL bytes removed, but a source where more than 1% of the lines need that is
+    refused (TooManyRepairs: binary data or another encoding) unless ``allow_repairs``.
+    Archives (tar, zip) given as text are refused.
     """
-    _validate_write_args(inputs, samples_per_shard, min_chars, max_chars, normalize)
+    _validate_write_args(inputs, samples_per_shard, min_chars, max_chars, normalize, encoding)
     os.makedirs(output_dir, exist_ok=True)
     options = {
         "text_field": text_field, "column": column, "min_chars": min_chars, "max_chars": max_chars,
         "dedupe": dedupe, "normalize": normalize, "max_line_bytes": max_line_bytes,
         "samples_per_shard": samples_per_shard, "gzip": gzip,
+        "encoding": encoding, "allow_repairs": allow_repairs,
     }
     sources = [_describe_source(s) for s in inputs]
     fingerprint = _fingerprint(options, sources)
@@ -316,8 +346,8 @@ def index_shards(shard_dir: str, pattern: str = "*.tar*") -> dict[str, Any]:
     for path in paths:
         with ShardReader(path) as reader:
             count = sum(1 for _ in reader)
-        shards.append({"name": os.path.basename(path), "count": count,
-                       "sha256": sha256_file(path), "bytes": os.path.getsize(path)})
+            sha, size = reader.finish()  # the digest of the bytes just read: no second pass
+        shards.append({"name": os.path.basename(path), "count": count, "sha256": sha, "bytes": size})
     manifest = {
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,
@@ -365,8 +395,11 @@ def build_shards_parser(prog: str = "hncse-dist shards") -> argparse.ArgumentPar
         ),
         epilog="example: hncse-dist shards --input wiki.txt.gz --output data/wiki_shards --samples-per-shard 10000",
     )
-    parser.add_argument("--input", nargs="+", required=True, metavar="PATH", help="input files, dataset dirs or Hub names")
-    parser.add_argument("--output", required=True, metavar="DIR", help="output shard directory (created if missing)")
+    parser.add_argument("--input", nargs="+", metavar="PATH", help="input files, dataset dirs or Hub names")
+    parser.add_argument("--output", metavar="DIR", help="output shard directory (created if missing)")
+    parser.add_argument("--index", metavar="DIR", default=None,
+                        help="instead of converting text: write manifest.json for the .tar/.tar.gz shards already "
+                             "in DIR (e.g. written by webdataset.ShardWriter), so train_shards=DIR reads them")
     parser.add_argument("--samples-per-shard", type=int, default=10000, metavar="N", help="samples per tar shard (default 10000)")
     parser.add_argument("--text-field", default="text", metavar="F", help="JSONL/dataset field holding the text (default: text)")
     parser.add_argument(
@@ -380,13 +413,24 @@ def build_shards_parser(prog: str = "hncse-dist shards") -> argparse.ArgumentPar
     parser.add_argument("--gzip", action="store_true",
                         help="write .tar.gz shards: several times smaller for sentence corpora (a plain tar "
                              "spends ~1 KiB per sentence on headers and padding); read transparently")
+    parser.add_argument("--encoding", default="utf-8", metavar="CODEC",
+                        help="text encoding of line-based inputs (default utf-8), e.g. latin-1, cp1252")
+    parser.add_argument("--allow-repairs", action="store_true",
+                        help="keep going when more than 1%% of a source's lines do not decode or hold NUL bytes "
+                             "(they are repaired and counted); by default such input is refused as binary or "
+                             "mis-encoded")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
 def shards_main(argv: list[str]) -> int:
     """Entry point of ``hncse-dist shards``; returns the process exit code."""
-    args = build_shards_parser().parse_args(argv)
+    parser = build_shards_parser()
+    args = parser.parse_args(argv)
+    if args.index is not None:
+        return _index_main(args.index)
+    if not args.input or not args.output:
+        parser.error("--input and --output are required (or --index DIR)")
     try:
         manifest = write_shards(
             args.input,
@@ -400,6 +444,8 @@ def shards_main(argv: list[str]) -> int:
             normalize=None if args.no_normalize else "NFKC",
             progress=not args.quiet,
             gzip=args.gzip,
+            encoding=args.encoding,
+            allow_repairs=args.allow_repairs,
         )
     except (FileNotFoundError, ValueError, IsADirectoryError, PermissionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -409,12 +455,25 @@ def shards_main(argv: list[str]) -> int:
     return 0
 
 
+def _index_main(shard_dir: str) -> int:
+    from .tario import ShardError
+
+    try:
+        manifest = index_shards(shard_dir)
+    except (FileNotFoundError, ShardError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"indexed {manifest['total']} samples in {len(manifest['shards'])} shards")
+    print(f"manifest: {os.path.join(shard_dir, MANIFEST_NAME)}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- cache
 
 
-def _cache_dir_for(text_path: str, cache_dir: str, samples_per_shard: int) -> str:
+def _cache_dir_for(text_path: str, cache_dir: str, samples_per_shard: int, decoding: str = "") -> str:
     st = os.stat(text_path)
-    identity = f"{os.path.abspath(text_path)}|{st.st_size}|{st.st_mtime_ns}|{samples_per_shard}"
+    identity = f"{os.path.abspath(text_path)}|{st.st_size}|{st.st_mtime_ns}|{samples_per_shard}{decoding}"
     digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
     stem = re.sub(r"[^\w.-]", "_", os.path.basename(text_path)) or "corpus"
     return os.path.join(cache_dir, f"{stem}-{digest}")
@@ -444,15 +503,33 @@ def _exclusive_lock(path: str) -> Iterator[None]:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def ensure_shards(text_path: str, cache_dir: str, samples_per_shard: int = 10000) -> str:
+CONFIG_REPAIR_FIX = (
+    "set train_file_encoding=latin-1 (or the file's real encoding) if it is text in another encoding, "
+    "or train_file_allow_repairs=true to keep the repaired lines"
+)
+
+
+def ensure_shards(
+    text_path: str,
+    cache_dir: str,
+    samples_per_shard: int = 10000,
+    *,
+    encoding: str = "utf-8",
+    allow_repairs: bool = False,
+    report: bool = True,
+) -> str:
     """Shard ``text_path`` once into ``cache_dir`` and return the shard directory.
 
-    The cache entry is keyed by absolute path, size, mtime and shard size. Safe under
-    concurrent callers: a lock file serialises writers on one machine, and the shards are
-    built in a private temporary directory renamed into place, so callers on other machines
-    (where locks may not work) at worst duplicate work and never see a partial directory.
+    The cache entry is keyed by absolute path, size, mtime and shard size (and the decoding
+    options when not the defaults). Safe under concurrent callers: a lock file serialises
+    writers on one machine, and the shards are built in a private temporary directory renamed
+    into place, so callers on other machines (where locks may not work) at worst duplicate
+    work and never see a partial directory. When it writes shards it prints their report
+    (samples, drops and repairs by reason) unless ``report`` is False; refused input raises
+    TooManyRepairs naming the config keys that accept it.
     """
-    target = _cache_dir_for(text_path, cache_dir, samples_per_shard)
+    decoding = "" if (encoding, allow_repairs) == ("utf-8", False) else f"|{encoding}|{allow_repairs}"
+    target = _cache_dir_for(text_path, cache_dir, samples_per_shard, decoding)
     if _cached_shards_usable(target):
         return target
     os.makedirs(cache_dir, exist_ok=True)
@@ -461,8 +538,18 @@ def ensure_shards(text_path: str, cache_dir: str, samples_per_shard: int = 10000
             return target
         tmp = f"{target}.tmp-{socket.gethostname()}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        write_shards([text_path], tmp, samples_per_shard)
+        try:
+            manifest = write_shards([text_path], tmp, samples_per_shard, progress=sys.stderr.isatty(),
+                                    encoding=encoding, allow_repairs=allow_repairs)
+        except TooManyRepairs as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise exc.with_fix(CONFIG_REPAIR_FIX) from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         _publish_dir(tmp, target)
+    if report:
+        print(f"train_file {text_path} -> {target}\n{format_report(manifest)}", flush=True)
     return target
 
 

@@ -6,6 +6,7 @@ bad line never stops a multi-hour conversion; the tally becomes the manifest's r
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
 import hashlib
@@ -57,12 +58,17 @@ def _open_binary(path: str) -> IO[bytes]:
     return gzip.open(path, "rb") if magic == _GZIP_MAGIC else open(path, "rb")
 
 
-def _decode(raw: bytes, tally: Tally) -> str:
+def repair_kind(encoding: str) -> str:
+    """Tally key of lines that did not decode: ``invalid_utf8`` for UTF-8, ``invalid_<codec>`` else."""
+    return "invalid_" + codecs.lookup(encoding).name.replace("-", "_").replace("utf_8", "utf8")
+
+
+def _decode(raw: bytes, tally: Tally, encoding: str = "utf-8") -> str:
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode(encoding)
     except UnicodeDecodeError:
-        tally.repaired["invalid_utf8"] += 1
-        text = raw.decode("utf-8", errors="replace")
+        tally.repaired[repair_kind(encoding)] += 1
+        text = raw.decode(encoding, errors="replace")
     if "\x00" in text:
         tally.repaired["nul_bytes"] += 1
         text = text.replace("\x00", "")
@@ -74,7 +80,9 @@ def _discard_rest_of_line(f: IO[bytes], chunk: int) -> None:
         pass
 
 
-def iter_lines(path: str, tally: Tally, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iterator[str]:
+def iter_lines(
+    path: str, tally: Tally, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, encoding: str = "utf-8"
+) -> Iterator[str]:
     """Decoded lines (with their line endings) of a plain or gzipped file, bounded in memory.
 
     Lines longer than ``max_line_bytes`` are dropped (counted as ``oversized_line``) without
@@ -87,7 +95,7 @@ def iter_lines(path: str, tally: Tally, max_line_bytes: int = DEFAULT_MAX_LINE_B
                     tally.dropped["oversized_line"] += 1
                     _discard_rest_of_line(f, max_line_bytes)
                     continue
-                yield _decode(raw, tally)
+                yield _decode(raw, tally, encoding)
         except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
             tally.dropped["truncated_gzip"] += 1
             log.warning("%s: compressed stream is damaged (%s); kept the lines before it", path, exc)
@@ -96,14 +104,16 @@ def iter_lines(path: str, tally: Tally, max_line_bytes: int = DEFAULT_MAX_LINE_B
 # ----------------------------------------------------------------------------- formats
 
 
-def _texts_from_lines(path: str, tally: Tally, max_line_bytes: int) -> Iterator[str | None]:
-    for line in iter_lines(path, tally, max_line_bytes):
+def _texts_from_lines(path: str, tally: Tally, max_line_bytes: int, encoding: str) -> Iterator[str | None]:
+    for line in iter_lines(path, tally, max_line_bytes, encoding):
         tally.read += 1
         yield line
 
 
-def _texts_from_jsonl(path: str, field_name: str, tally: Tally, max_line_bytes: int) -> Iterator[str | None]:
-    for line in iter_lines(path, tally, max_line_bytes):
+def _texts_from_jsonl(
+    path: str, field_name: str, tally: Tally, max_line_bytes: int, encoding: str
+) -> Iterator[str | None]:
+    for line in iter_lines(path, tally, max_line_bytes, encoding):
         if not line.strip():
             continue
         tally.read += 1
@@ -136,10 +146,10 @@ def _csv_column_index(header: list[str], column: str, path: str) -> int:
 
 
 def _texts_from_csv(
-    path: str, delimiter: str, column: str | int, tally: Tally, max_line_bytes: int
+    path: str, delimiter: str, column: str | int, tally: Tally, max_line_bytes: int, encoding: str
 ) -> Iterator[str | None]:
     # An integer column means positional access in a header-less file (like STS-B's TSV).
-    rows = csv.reader(iter_lines(path, tally, max_line_bytes), delimiter=delimiter)
+    rows = csv.reader(iter_lines(path, tally, max_line_bytes, encoding), delimiter=delimiter)
     index = column if isinstance(column, int) else None
     while True:
         try:
@@ -210,21 +220,110 @@ def iter_raw_texts(
     text_field: str = "text",
     column: str | int | None = None,
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    encoding: str = "utf-8",
 ) -> Iterator[str | None]:
-    """Raw texts of one source, picked by extension; None marks a record without text."""
+    """Raw texts of one source, picked by extension; None marks a record without text.
+    ``encoding`` applies to the line-based formats (text, JSONL, CSV/TSV)."""
     check_source(source)
     field_name = text_field if column is None else column
     if os.path.isdir(source) or looks_like_hub_name(source):
         return _texts_from_datasets(source, str(field_name), tally, builder=None)
     suffix = _format_suffix(source)
     if suffix in _JSONL_SUFFIXES:
-        return _texts_from_jsonl(source, str(field_name), tally, max_line_bytes)
+        return _texts_from_jsonl(source, str(field_name), tally, max_line_bytes, encoding)
     if suffix in _CSV_SUFFIXES:
-        return _texts_from_csv(source, _CSV_SUFFIXES[suffix], field_name, tally, max_line_bytes)
+        return _texts_from_csv(source, _CSV_SUFFIXES[suffix], field_name, tally, max_line_bytes, encoding)
     if suffix in _DATASETS_SUFFIXES:
         return _texts_from_datasets(source, str(field_name), tally, builder=_DATASETS_SUFFIXES[suffix])
     # Anything else (.txt, no extension, unknown) is one text per line.
-    return _texts_from_lines(source, tally, max_line_bytes)
+    return _texts_from_lines(source, tally, max_line_bytes, encoding)
+
+
+def reads_as_lines(source: str) -> bool:
+    """Whether ``source`` is read line by line (text, JSONL, CSV/TSV) rather than by ``datasets``."""
+    if os.path.isdir(source) or looks_like_hub_name(source):
+        return False
+    return _format_suffix(source) not in _DATASETS_SUFFIXES
+
+
+def archive_kind(path: str) -> str | None:
+    """"tar" or "zip" when the file's bytes are such an archive (gzip-compressed tar included)."""
+    with open(path, "rb") as f:
+        head = f.read(512 + 8)
+    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+        return "zip"
+    if head[:2] == _GZIP_MAGIC:
+        try:
+            with gzip.open(path, "rb") as f:
+                head = f.read(512 + 8)
+        except (OSError, EOFError, zlib.error):
+            return None
+    return "tar" if head[257:262] == b"ustar" else None
+
+
+def check_text_source(source: str) -> None:
+    """Raise ValueError when a line-read input is an archive: its headers would become 'sentences'."""
+    if not (os.path.isfile(source) and reads_as_lines(source)):
+        return
+    kind = archive_kind(source)
+    if kind == "tar":
+        raise ValueError(
+            f"{source} is a tar archive, not text. Fix: if it holds WebDataset shards, put them in a folder, "
+            "run `hncse-dist shards --index DIR` and train with train_shards=DIR; otherwise unpack it and "
+            "pass the text files as --input"
+        )
+    if kind == "zip":
+        raise ValueError(f"{source} is a zip archive, not text. Fix: unpack it and pass the text files as --input")
+
+
+# ----------------------------------------------------------------------------- repair limit
+
+MAX_REPAIRED_FRACTION = 0.01  # more lines needing repair than this: the input is not what it claims
+_REPAIR_CHECK_AFTER = 1000  # lines before the limit is first checked (a verdict within seconds)
+
+
+class TooManyRepairs(ValueError):
+    """A source where too many lines did not decode or held NUL bytes (binary, or another encoding)."""
+
+    CLI_FIX = (
+        "pass --encoding latin-1 (or the file's real encoding) if it is text in another encoding, "
+        "or --allow-repairs to keep the repaired lines"
+    )
+
+    def __init__(self, source: str, lines: int, undecodable: int, nul: int, encoding: str, fix: str = CLI_FIX):
+        self.source, self.lines, self.undecodable, self.nul, self.encoding = source, lines, undecodable, nul, encoding
+        self.fix = fix
+        label = "UTF-8" if repair_kind(encoding) == "invalid_utf8" else encoding
+        super().__init__(
+            f"{source} does not look like text: {undecodable} of {lines} lines had invalid {label}, {nul} had "
+            f"NUL bytes (more than {MAX_REPAIRED_FRACTION:.0%} needed repair; nothing was written). Fix: {fix}"
+        )
+
+    def with_fix(self, fix: str) -> TooManyRepairs:
+        return TooManyRepairs(self.source, self.lines, self.undecodable, self.nul, self.encoding, fix)
+
+
+class RepairLimit:
+    """Watches one source's tally and raises TooManyRepairs when repairs pass the limit."""
+
+    def __init__(self, source: str, tally: Tally, encoding: str, allow: bool) -> None:
+        self.source, self.tally, self.encoding, self.allow = source, tally, encoding, allow
+        self._kind = repair_kind(encoding)
+        self._start = self._counts()
+        self._next_check = _REPAIR_CHECK_AFTER
+
+    def _counts(self) -> tuple[int, int, int]:
+        return self.tally.read, self.tally.repaired[self._kind], self.tally.repaired["nul_bytes"]
+
+    def check(self, final: bool = False) -> None:
+        if self.allow:
+            return
+        lines, undecodable, nul = (now - start for now, start in zip(self._counts(), self._start))
+        if not final and lines < self._next_check:
+            return
+        self._next_check = lines + _REPAIR_CHECK_AFTER
+        if lines and undecodable + nul > MAX_REPAIRED_FRACTION * lines:
+            raise TooManyRepairs(self.source, lines, undecodable, nul, self.encoding)
 
 
 # ----------------------------------------------------------------------------- cleaning

@@ -52,6 +52,8 @@ class _EpochPlan:
     """Everything a worker needs to produce its share of one rank's epoch (picklable)."""
 
     paths: tuple[str, ...]
+    counts: tuple[int, ...]  # manifest sample counts and sha256s: every shard read is verified
+    shas: tuple[str | None, ...]
     segments: tuple[Segment, ...]
     batch_size: int
     block_size: int
@@ -72,25 +74,32 @@ class _EpochPlan:
 
 
 class _SegmentReader:
-    """Reads segments in order, keeping the current shard open across adjacent segments."""
+    """Reads segments in order, keeping the current shard open across adjacent segments.
 
-    def __init__(self, paths: tuple[str, ...]) -> None:
-        self._paths = paths
+    A shard is checked against its manifest sha256 when its last sample is read, or, when
+    this reader leaves it earlier, by reading on to its end first (``close``): every shard
+    a worker opens is verified, including the part-read one before an epoch's dropped tail.
+    """
+
+    def __init__(self, plan: _EpochPlan) -> None:
+        self._plan = plan
         self._reader: ShardReader | None = None
 
     def read(self, seg: Segment) -> list[tuple[str, str]]:
-        path = self._paths[seg.shard]
+        path = self._plan.paths[seg.shard]
         reader = self._reader
         if reader is None or reader.path != path or reader.position > seg.start:
-            self.close()
-            reader = self._reader = ShardReader(path)
+            self.close(verify=True)
+            reader = self._reader = ShardReader(
+                path, count=self._plan.counts[seg.shard], sha256=self._plan.shas[seg.shard]
+            )
         reader.skip(seg.start - reader.position)
         return reader.read(seg.count)
 
-    def close(self) -> None:
+    def close(self, verify: bool = False) -> None:
         if self._reader is not None:
-            self._reader.close()
-            self._reader = None
+            reader, self._reader = self._reader, None
+            reader.close(verify=verify)
 
 
 class _EpochBatches(IterableDataset):
@@ -112,11 +121,12 @@ class _EpochBatches(IterableDataset):
         plan = self.plan
         n_blocks = math.ceil(plan.span / plan.block_size)
         first_block = plan.start_batch // plan.batches_per_block
-        reader = _SegmentReader(plan.paths)
+        reader = _SegmentReader(plan)
         try:
             for block in range(first_block, n_blocks):
                 if block % n_workers == worker:
                     yield from self._block_batches(block, reader)
+            reader.close(verify=True)
         finally:
             reader.close()
 
@@ -192,12 +202,14 @@ def _worker_error_summary(exc: ShardError) -> str | None:
     return text.rsplit(marker, 1)[1].strip() + " (raised in a DataLoader worker)"
 
 
-def _usable_shards(shard_dir: str, skip_corrupt: bool) -> tuple[list[ShardInfo], list[str]]:
-    """Shards to read and descriptions of the skipped ones; raise on problems unless skipping.
+def _usable_shards(shard_dir: str, skip_corrupt: bool) -> tuple[list[ShardInfo], list[ShardInfo], list[str]]:
+    """Shards to read, the skipped ones and why; raise on problems unless skipping.
 
     The same checks run on every rank over the same files, so every rank skips the same
     shards and the batch count stays equal. With skip_corrupt every shard's sha256 is
-    verified (one full read of the corpus per rank, at construction).
+    verified here (one full read of the corpus per rank, at construction): a shard found
+    altered only while it is streamed could not be left out without unequal batch counts
+    across ranks, so streaming verification stops the run in either mode.
     """
     infos = shard_infos(shard_dir, load_manifest(shard_dir))
     problems = {info.path: check_shard(info, verify_sha=skip_corrupt) for info in infos}
@@ -205,11 +217,12 @@ def _usable_shards(shard_dir: str, skip_corrupt: bool) -> tuple[list[ShardInfo],
     if bad and not skip_corrupt:
         more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
         raise ShardError(
-            "; ".join(bad[:3]) + more + ". Fix: rebuild with `hncse-dist shards` or pass skip_corrupt=True"
+            "; ".join(bad[:3]) + more + ". Fix: rebuild with `hncse-dist shards`, or set skip_corrupt=true "
+            "to train without such shards"
         )
     for problem in bad:
         log.warning("skipping shard: %s", problem)
-    return [i for i in infos if not problems[i.path]], bad
+    return [i for i in infos if not problems[i.path]], [i for i in infos if problems[i.path]], bad
 
 
 def _dataset_fingerprint(infos: list[ShardInfo]) -> str:
@@ -261,7 +274,8 @@ class ShardStream:
         self.shuffle_buffer = shuffle_buffer
         self.resampled = resampled
         self.prefetch_factor = prefetch_factor
-        self._shards, self.skipped_shards = _usable_shards(shard_dir, skip_corrupt)
+        self._shards, skipped, self.skipped_shards = _usable_shards(shard_dir, skip_corrupt)
+        self.skipped_samples = sum(i.count for i in skipped)
         self.total_samples = sum(i.count for i in self._shards)
         self._batches_per_epoch = batches_per_epoch(self.total_samples, batch_size, world_size)
         if self._batches_per_epoch == 0:
@@ -273,6 +287,13 @@ class ShardStream:
         self._fingerprint = _dataset_fingerprint(self._shards)
         self._epoch = 0
         self._consumed = 0
+
+    def skip_report(self) -> str:
+        """One line: how many shards (and samples) skip_corrupt left out, and the first reason."""
+        n = len(self.skipped_shards)
+        first = f"; first: {self.skipped_shards[0]}" if n else ""
+        return (f"skip_corrupt: skipped {n} of {n + len(self._shards)} shards "
+                f"({self.skipped_samples} samples){first}")
 
     # -- position ---------------------------------------------------------------------
 
@@ -315,6 +336,8 @@ class ShardStream:
         segments = make_segments(counts, self.seed, epoch, self.rank, per_rank)
         return _EpochPlan(
             paths=tuple(i.path for i in self._shards),
+            counts=tuple(i.count for i in self._shards),
+            shas=tuple(i.sha256 for i in self._shards),
             segments=tuple(segments),
             batch_size=self.batch_size,
             block_size=self._block_size,
@@ -408,13 +431,13 @@ class ShardStream:
             if key in state and state[key] != current[key]:
                 hint = (
                     " (exact resume needs the world size it was saved with; relaunch with "
-                    f"{state[key]} processes, or use resampled=True for a statistical resume)"
+                    f"{state[key]} processes, or set resampled=true for a statistical resume)"
                     if key == "world_size"
-                    else "; exact resume needs the same data settings (or resampled=True)"
+                    else "; exact resume needs the same data settings (or set resampled=true)"
                 )
                 raise ValueError(
                     f"cannot resume data position: checkpoint has {key}={state[key]!r}, "
                     f"this run has {current[key]!r}{hint}"
                 )
         if state.get("resampled"):
-            raise ValueError("checkpoint data position is from resampled mode; construct with resampled=True")
+            raise ValueError("checkpoint data position is from resampled mode; set resampled=true to resume it")

@@ -99,29 +99,76 @@ def split_member_name(name: str) -> tuple[str, str]:
     return (f"{directory}/{stem}" if directory else stem), ext
 
 
+class _HashingReader:
+    """Read-only file wrapper that hashes and counts every byte read through it, in order."""
+
+    def __init__(self, raw: BinaryIO, name: str) -> None:
+        self._raw = raw
+        self.name = name
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._raw.read(n)
+        self.sha256.update(data)
+        self.size += len(data)
+        return data
+
+    def drain(self, chunk_size: int = 1 << 20) -> None:
+        while self.read(chunk_size):
+            pass
+
+    def close(self) -> None:
+        self._raw.close()
+
+
 class ShardReader:
     """Forward-only reader over the samples of one tar shard.
 
-    ``skip`` walks headers without reading payloads, so jumping to a sample offset costs a
-    header scan, not a full read. Every tar problem is re-raised as ShardError naming the
-    file: Python's tarfile treats a damaged header mid-archive as end of archive, so callers
-    must also compare the number of samples read with the manifest (``expect``).
+    The file is read strictly once, front to back (tarfile's stream mode), through a sha256:
+    skipping to a sample offset reads past the skipped bytes rather than seeking, so the
+    digest covers the whole file whichever samples are used. With ``sha256`` (and ``count``)
+    from the manifest, ``finish()`` -- called by ``read`` as soon as the last sample is read,
+    and by ``close(verify=True)`` after reading the rest -- compares the digest and raises
+    ShardError naming the file when it differs. Memory does not grow with the shard's length:
+    tarfile's list of members is emptied as the reader moves on.
+
+    Every tar problem is re-raised as ShardError naming the file: Python's tarfile treats a
+    damaged header mid-archive as end of archive, so callers must also compare the number of
+    samples read with the manifest (``read`` does, by raising when it runs out).
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, count: int | None = None, sha256: str | None = None) -> None:
         self.path = path
         self.position = 0
+        self.count = count
+        self.expected_sha256 = sha256
+        self.finished = False
+        self._ended = False  # tarfile reported the archive's end (asking again would seek back)
         self._peeked: tarfile.TarInfo | None = None
-        mode = "r:gz" if path.endswith((".tar.gz", ".tgz")) else "r:"
+        mode = "r|gz" if path.endswith((".tar.gz", ".tgz")) else "r|"
         try:
-            self._tar = tarfile.open(path, mode=mode)
+            raw = open(path, "rb")
         except FileNotFoundError:
             raise ShardError(f"shard not found: {path}") from None
+        self._file = _HashingReader(raw, path)
+        try:
+            self._tar = tarfile.open(fileobj=self._file, mode=mode, bufsize=1 << 16)  # type: ignore[call-overload]
         except (tarfile.TarError, OSError, EOFError) as exc:
+            raw.close()
             raise ShardError(f"corrupt or empty shard {path}: {exc}") from None
+        self._tar.members.clear()
 
-    def close(self) -> None:
-        self._tar.close()
+    def close(self, verify: bool = False) -> None:
+        """Close the file; with ``verify``, first read the rest and check it (``finish``)."""
+        try:
+            if verify and not self.finished:
+                while self._next_group(want_text=False) is not None:
+                    pass
+                self.finish()
+        finally:
+            self._tar.close()
+            self._file.close()
 
     def __enter__(self) -> ShardReader:
         return self
@@ -129,18 +176,44 @@ class ShardReader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def finish(self) -> tuple[str, int]:
+        """Read the bytes after the archive's end and check the whole file against the manifest.
+
+        Returns (sha256 hex, size) of the file. Call after the last sample has been read.
+        """
+        if self._peeked is not None or (self.count is not None and self._next_member() is not None):
+            raise ShardError(
+                f"corrupt shard {self.path}: it holds more than the {self.count} samples manifest.json "
+                "lists. Fix: rebuild it with `hncse-dist shards` (or re-index foreign shards)"
+            )
+        self._file.drain()
+        self.finished = True
+        digest = self._file.sha256.hexdigest()
+        if self.expected_sha256 is not None and digest != self.expected_sha256:
+            raise ShardError(
+                f"corrupt shard {self.path}: sha256 of its bytes differs from manifest.json (the file "
+                f"changed after the manifest was written; {self.position} samples of it were read). "
+                "Fix: rebuild it with `hncse-dist shards`, or set skip_corrupt=true to leave such shards out"
+            )
+        return digest, self._file.size
+
     def _next_member(self) -> tarfile.TarInfo | None:
         if self._peeked is not None:
             member, self._peeked = self._peeked, None
             return member
+        if self._ended:
+            return None
         try:
             while (member := self._tar.next()) is not None and not member.isfile():
                 continue
+            self._ended = member is None
             return member
         except (tarfile.TarError, OSError, EOFError) as exc:
             raise ShardError(
                 f"corrupt or truncated shard {self.path} after {self.position} samples: {exc}"
             ) from None
+        finally:
+            self._tar.members.clear()  # tarfile keeps every TarInfo otherwise (~0.5 KB per member)
 
     def _next_group(self, want_text: bool = True) -> tuple[str, dict[str, bytes]] | None:
         """The next sample's key and the payloads of its text members (empty when not
@@ -193,6 +266,8 @@ class ShardReader:
                     "it is truncated or corrupt (rebuild it with `hncse-dist shards`)"
                 )
             out.append((group[0], self._payload_text(*group)))
+        if self.count is not None and self.position == self.count and not self.finished:
+            self.finish()  # before the caller uses the last samples
         return out
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
