@@ -14,6 +14,7 @@ Guarantees (see plan.py for the exact sample order):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -37,6 +38,7 @@ from .plan import (
     slice_segments,
 )
 from .tario import ShardError, ShardReader
+from .urls import is_remote, is_url_source, remote_infos, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,9 @@ class _EpochPlan:
     rank: int
     shuffle: bool
     start_batch: int
+    text_key: str | None = None  # which member (or JSON field) holds the text; None: .txt
+    shard_retries: int = 0  # reopen a URL / pipe: shard this many times after a failure
+    retry_delay: float = 1.0  # seconds before the first retry, doubled after each
 
     @property
     def span(self) -> int:
@@ -87,14 +92,37 @@ class _SegmentReader:
 
     def read(self, seg: Segment) -> list[tuple[str, str]]:
         path = self._plan.paths[seg.shard]
+        if not is_remote(path) or not self._plan.shard_retries:
+            return self._read_once(seg)
+        # A remote shard is reopened from its start and read up to the same sample: the
+        # samples are the same, so a retry changes nothing but the time taken.
+        def again() -> list[tuple[str, str]]:
+            try:
+                return self._read_once(seg)
+            except ShardError:
+                self._drop()
+                raise
+
+        return with_retries(path, again, self._plan.shard_retries, self._plan.retry_delay)
+
+    def _read_once(self, seg: Segment) -> list[tuple[str, str]]:
+        path = self._plan.paths[seg.shard]
         reader = self._reader
         if reader is None or reader.path != path or reader.position > seg.start:
             self.close(verify=True)
             reader = self._reader = ShardReader(
-                path, count=self._plan.counts[seg.shard], sha256=self._plan.shas[seg.shard]
+                path, count=self._plan.counts[seg.shard], sha256=self._plan.shas[seg.shard],
+                text_key=self._plan.text_key,
             )
         reader.skip(seg.start - reader.position)
         return reader.read(seg.count)
+
+    def _drop(self) -> None:
+        """Forget the current (failed) shard without verifying the rest of it."""
+        if self._reader is not None:
+            reader, self._reader = self._reader, None
+            with contextlib.suppress(Exception):
+                reader.close()
 
     def close(self, verify: bool = False) -> None:
         if self._reader is not None:
@@ -202,7 +230,21 @@ def _worker_error_summary(exc: ShardError) -> str | None:
     return text.rsplit(marker, 1)[1].strip() + " (raised in a DataLoader worker)"
 
 
-def _usable_shards(shard_dir: str, skip_corrupt: bool) -> tuple[list[ShardInfo], list[ShardInfo], list[str]]:
+def check_remote_shard(info: ShardInfo, text_key: str | None) -> str | None:
+    """Why a URL / pattern shard cannot be used as its manifest says (one full read), or None."""
+    try:
+        with ShardReader(info.path, count=info.count, sha256=info.sha256, text_key=text_key) as reader:
+            reader.read(info.count)
+            if not reader.finished:
+                reader.finish()
+    except ShardError as exc:
+        return str(exc)
+    return None
+
+
+def _usable_shards(
+    shard_dir: str, skip_corrupt: bool, manifest: str | None = None, text_key: str | None = None
+) -> tuple[list[ShardInfo], list[ShardInfo], list[str]]:
     """Shards to read, the skipped ones and why; raise on problems unless skipping.
 
     The same checks run on every rank over the same files, so every rank skips the same
@@ -211,8 +253,12 @@ def _usable_shards(shard_dir: str, skip_corrupt: bool) -> tuple[list[ShardInfo],
     altered only while it is streamed could not be left out without unequal batch counts
     across ranks, so streaming verification stops the run in either mode.
     """
-    infos = shard_infos(shard_dir, load_manifest(shard_dir))
-    problems = {info.path: check_shard(info, verify_sha=skip_corrupt) for info in infos}
+    if is_url_source(shard_dir):
+        infos = remote_infos(shard_dir, manifest)[0]
+        problems = {info.path: check_remote_shard(info, text_key) if skip_corrupt else None for info in infos}
+    else:
+        infos = shard_infos(shard_dir, load_manifest(shard_dir))
+        problems = {info.path: check_shard(info, verify_sha=skip_corrupt) for info in infos}
     bad = [p for p in problems.values() if p]
     if bad and not skip_corrupt:
         more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
@@ -223,6 +269,13 @@ def _usable_shards(shard_dir: str, skip_corrupt: bool) -> tuple[list[ShardInfo],
     for problem in bad:
         log.warning("skipping shard: %s", problem)
     return [i for i in infos if not problems[i.path]], [i for i in infos if problems[i.path]], bad
+
+
+def _manifest_text_key(shard_dir: str, manifest: str | None) -> str | None:
+    """The text_key recorded by `hncse-dist shards --index --text-key`, if any."""
+    if is_url_source(shard_dir):
+        return remote_infos(shard_dir, manifest)[1]
+    return load_manifest(shard_dir).get("text_key")
 
 
 def _dataset_fingerprint(infos: list[ShardInfo]) -> str:
@@ -256,6 +309,10 @@ class ShardStream:
         resampled: bool = False,
         skip_corrupt: bool = False,
         prefetch_factor: int = 2,
+        manifest: str | None = None,
+        text_key: str | None = None,
+        shard_retries: int = 0,
+        retry_delay: float = 1.0,
     ) -> None:
         if batch_size < 1 or max_length < 1:
             raise ValueError(f"batch_size and max_length must be >= 1, got {batch_size}, {max_length}")
@@ -274,7 +331,11 @@ class ShardStream:
         self.shuffle_buffer = shuffle_buffer
         self.resampled = resampled
         self.prefetch_factor = prefetch_factor
-        self._shards, skipped, self.skipped_shards = _usable_shards(shard_dir, skip_corrupt)
+        self.manifest = manifest
+        self.text_key = text_key if text_key is not None else _manifest_text_key(shard_dir, manifest)
+        self.shard_retries = shard_retries
+        self.retry_delay = retry_delay
+        self._shards, skipped, self.skipped_shards = _usable_shards(shard_dir, skip_corrupt, manifest, self.text_key)
         self.skipped_samples = sum(i.count for i in skipped)
         self.total_samples = sum(i.count for i in self._shards)
         self._batches_per_epoch = batches_per_epoch(self.total_samples, batch_size, world_size)
@@ -347,6 +408,9 @@ class ShardStream:
             rank=self.rank,
             shuffle=self.shuffle_buffer > 1,
             start_batch=start_batch,
+            text_key=self.text_key,
+            shard_retries=self.shard_retries,
+            retry_delay=self.retry_delay,
         )
 
     def _loader(self, dataset: _EpochBatches) -> DataLoader:
