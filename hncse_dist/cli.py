@@ -51,6 +51,7 @@ def _train(argv: list[str]) -> int:
         from .launcher import launch
 
         return launch(args.nproc_per_node, argv)
+    from .data.tario import ShardError
     from .train import TrainingDiverged, train
 
     try:
@@ -60,6 +61,9 @@ def _train(argv: list[str]) -> int:
         return 2
     except TrainingDiverged as err:
         print(f"hncse-dist train: error: {err}", file=sys.stderr)
+        return 1
+    except ShardError as err:  # a shard failed while training (after its retries): one line, exit 1
+        print(f"hncse-dist train: error: {err}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:  # a second Ctrl-C while the first one's checkpoint was pending
         print("hncse-dist train: interrupted", file=sys.stderr)

@@ -21,12 +21,19 @@ import logging
 import math
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .mixture import (
+    exact_mixture_segments,
+    is_plain,
+    mixture_epoch_size,
+    parse_sources,
+    resampled_mixture_segments,
+)
 from .manifest import ShardInfo, check_shard, load_manifest, shard_infos
 from .plan import (
     Segment,
@@ -65,7 +72,7 @@ class _EpochPlan:
     rank: int
     shuffle: bool
     start_batch: int
-    text_key: str | None = None  # which member (or JSON field) holds the text; None: .txt
+    text_keys: tuple[str | None, ...] = ()  # per shard: the member (or JSON field) holding the text
     shard_retries: int = 0  # reopen a URL / pipe: shard this many times after a failure
     retry_delay: float = 1.0  # seconds before the first retry, doubled after each
 
@@ -112,7 +119,7 @@ class _SegmentReader:
             self.close(verify=True)
             reader = self._reader = ShardReader(
                 path, count=self._plan.counts[seg.shard], sha256=self._plan.shas[seg.shard],
-                text_key=self._plan.text_key,
+                text_key=self._plan.text_keys[seg.shard] if self._plan.text_keys else None,
             )
         reader.skip(seg.start - reader.position)
         return reader.read(seg.count)
@@ -278,8 +285,10 @@ def _manifest_text_key(shard_dir: str, manifest: str | None) -> str | None:
     return load_manifest(shard_dir).get("text_key")
 
 
-def _dataset_fingerprint(infos: list[ShardInfo]) -> str:
-    listing = [(os.path.basename(i.path), i.count) for i in infos]
+def _dataset_fingerprint(infos: list[ShardInfo], weights: list[float] | None = None) -> str:
+    listing: list[Any] = [(os.path.basename(i.path), i.count) for i in infos]
+    if weights is not None:
+        listing.append(("weights", weights))
     return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
 
 
@@ -332,12 +341,26 @@ class ShardStream:
         self.resampled = resampled
         self.prefetch_factor = prefetch_factor
         self.manifest = manifest
-        self.text_key = text_key if text_key is not None else _manifest_text_key(shard_dir, manifest)
         self.shard_retries = shard_retries
         self.retry_delay = retry_delay
-        self._shards, skipped, self.skipped_shards = _usable_shards(shard_dir, skip_corrupt, manifest, self.text_key)
+        sources = parse_sources(shard_dir)
+        if len(sources) == 1:
+            sources = [replace(sources[0], manifest=sources[0].manifest or manifest,
+                               text_key=sources[0].text_key or text_key)]
+        self._shards, skipped, self.skipped_shards, self._text_keys, self._source_of = [], [], [], [], []
+        for index, source in enumerate(sources):
+            key = source.text_key or text_key or _manifest_text_key(source.path, source.manifest)
+            usable, left_out, why = _usable_shards(source.path, skip_corrupt, source.manifest, key)
+            self._shards += usable
+            skipped += left_out
+            self.skipped_shards += why
+            self._text_keys += [key] * len(usable)
+            self._source_of += [index] * len(usable)
+        self._weights = [s.weight for s in sources]
+        self._mixture = not is_plain(sources)
         self.skipped_samples = sum(i.count for i in skipped)
-        self.total_samples = sum(i.count for i in self._shards)
+        counts = [i.count for i in self._shards]
+        self.total_samples = mixture_epoch_size(counts, self._source_of, self._weights) if self._mixture else sum(counts)
         self._batches_per_epoch = batches_per_epoch(self.total_samples, batch_size, world_size)
         if self._batches_per_epoch == 0:
             raise ValueError(
@@ -345,7 +368,7 @@ class ShardStream:
                 f"(world_size {world_size} x batch_size {batch_size}); use more data or a smaller batch"
             )
         self._block_size = block_size_for(shuffle_buffer, batch_size)
-        self._fingerprint = _dataset_fingerprint(self._shards)
+        self._fingerprint = _dataset_fingerprint(self._shards, self._weights if self._mixture else None)
         self._epoch = 0
         self._consumed = 0
 
@@ -392,9 +415,13 @@ class ShardStream:
 
     def _plan(self, epoch: int, start_batch: int) -> _EpochPlan:
         per_rank = self._batches_per_epoch * self.batch_size
-        make_segments = resampled_rank_segments if self.resampled else exact_rank_segments
         counts = [i.count for i in self._shards]
-        segments = make_segments(counts, self.seed, epoch, self.rank, per_rank)
+        if self._mixture:
+            mix = resampled_mixture_segments if self.resampled else exact_mixture_segments
+            segments = mix(counts, self._source_of, self._weights, self.seed, epoch, self.rank, per_rank)
+        else:
+            make_segments = resampled_rank_segments if self.resampled else exact_rank_segments
+            segments = make_segments(counts, self.seed, epoch, self.rank, per_rank)
         return _EpochPlan(
             paths=tuple(i.path for i in self._shards),
             counts=tuple(i.count for i in self._shards),
@@ -408,7 +435,7 @@ class ShardStream:
             rank=self.rank,
             shuffle=self.shuffle_buffer > 1,
             start_batch=start_batch,
-            text_key=self.text_key,
+            text_keys=tuple(self._text_keys),
             shard_retries=self.shard_retries,
             retry_delay=self.retry_delay,
         )
