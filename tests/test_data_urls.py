@@ -399,3 +399,12 @@ def test_a_404_on_one_rank_ends_the_job_on_every_rank(shard_dir, tiny_bert, tmp_
     assert "hncse-dist: rank 1" in err and "stopping ranks 0" in err
     assert elapsed < 200
     assert not (tmp_path / "run" / "checkpoints" / "step-00000020").exists()
+
+
+def test_gzip_shards_through_a_pipe_whose_command_does_not_end_in_the_name(tmp_path, tokenizer):
+    """Compression is recognised from the bytes, not the URL's ending (s3's `aws s3 cp URL -`)."""
+    text = write_corpus(tmp_path / "c.txt", 120, seed=4)
+    out = tmp_path / "gz"
+    assert shards_main(["--input", text, "--output", str(out), "--samples-per-shard", "40", "--gzip", "--quiet"]) == 0
+    source = f"pipe:cat {out}/shard-{{000000..000002}}.tar.gz | cat"
+    assert_same(batches(source, tokenizer, 0, num_workers=0), batches(str(out), tokenizer, 0, num_workers=0))

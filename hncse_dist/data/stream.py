@@ -251,8 +251,9 @@ def check_remote_shard(info: ShardInfo, text_key: str | None) -> str | None:
 
 def _usable_shards(
     shard_dir: str, skip_corrupt: bool, manifest: str | None = None, text_key: str | None = None
-) -> tuple[list[ShardInfo], list[ShardInfo], list[str]]:
-    """Shards to read, the skipped ones and why; raise on problems unless skipping.
+) -> tuple[list[ShardInfo], list[ShardInfo], list[str], str | None]:
+    """Shards to read, the skipped ones, why, and the text_key (given, or the manifest's);
+    raise on problems unless skipping.
 
     The same checks run on every rank over the same files, so every rank skips the same
     shards and the batch count stays equal. With skip_corrupt every shard's sha256 is
@@ -261,10 +262,12 @@ def _usable_shards(
     across ranks, so streaming verification stops the run in either mode.
     """
     if is_url_source(shard_dir):
-        infos = remote_infos(shard_dir, manifest)[0]
+        infos, recorded_key = remote_infos(shard_dir, manifest)
+        text_key = text_key or recorded_key
         problems = {info.path: check_remote_shard(info, text_key) if skip_corrupt else None for info in infos}
     else:
-        infos = shard_infos(shard_dir, load_manifest(shard_dir))
+        loaded = load_manifest(shard_dir)
+        infos, text_key = shard_infos(shard_dir, loaded), text_key or loaded.get("text_key")
         problems = {info.path: check_shard(info, verify_sha=skip_corrupt) for info in infos}
     bad = [p for p in problems.values() if p]
     if bad and not skip_corrupt:
@@ -275,14 +278,7 @@ def _usable_shards(
         )
     for problem in bad:
         log.warning("skipping shard: %s", problem)
-    return [i for i in infos if not problems[i.path]], [i for i in infos if problems[i.path]], bad
-
-
-def _manifest_text_key(shard_dir: str, manifest: str | None) -> str | None:
-    """The text_key recorded by `hncse-dist shards --index --text-key`, if any."""
-    if is_url_source(shard_dir):
-        return remote_infos(shard_dir, manifest)[1]
-    return load_manifest(shard_dir).get("text_key")
+    return [i for i in infos if not problems[i.path]], [i for i in infos if problems[i.path]], bad, text_key
 
 
 def _dataset_fingerprint(infos: list[ShardInfo], weights: list[float] | None = None) -> str:
@@ -349,8 +345,9 @@ class ShardStream:
                                text_key=sources[0].text_key or text_key)]
         self._shards, skipped, self.skipped_shards, self._text_keys, self._source_of = [], [], [], [], []
         for index, source in enumerate(sources):
-            key = source.text_key or text_key or _manifest_text_key(source.path, source.manifest)
-            usable, left_out, why = _usable_shards(source.path, skip_corrupt, source.manifest, key)
+            usable, left_out, why, key = _usable_shards(
+                source.path, skip_corrupt, source.manifest, source.text_key or text_key
+            )
             self._shards += usable
             skipped += left_out
             self.skipped_shards += why

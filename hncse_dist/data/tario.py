@@ -165,7 +165,7 @@ class ShardReader:
         self.finished = False
         self._ended = False  # tarfile reported the archive's end (asking again would seek back)
         self._peeked: tarfile.TarInfo | None = None
-        mode = "r|gz" if path.endswith((".tar.gz", ".tgz")) else "r|"
+        mode = "r|*"  # compression sniffed from the first bytes: also for URLs and pipe: commands
         from .urls import open_url  # local paths, URLs, pipe: commands (webdataset's gopen)
 
         try:

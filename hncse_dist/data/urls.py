@@ -182,21 +182,21 @@ def open_url(url: str) -> BinaryIO:
     return _CheckedStream(url, raw)  # type: ignore[return-value]
 
 
-def read_small(url: str) -> bytes | None:
-    """The whole content of a small file (a manifest), or None when it does not exist."""
+def read_small(url: str) -> tuple[bytes | None, str]:
+    """The whole content of a small file (a manifest), or None and why it could not be read."""
     try:
         f = open_url(url)
     except FileNotFoundError:
-        return None
+        return None, "no such file"
+    except ShardError as exc:
+        return None, str(exc)
     try:
         chunks = []
         while chunk := f.read(1 << 20):
             chunks.append(chunk)
-        return b"".join(chunks)
-    except ShardError:
-        if is_remote(url):
-            return None  # a 404 and a missing file read alike here: the caller names both tries
-        raise
+        return b"".join(chunks), ""
+    except ShardError as exc:  # a 404 reads as a failed download
+        return None, str(exc).replace(f"reading {url} failed: ", "")
     finally:
         f.close()
 
@@ -218,16 +218,18 @@ def _entries_of(payload: Any, where: str) -> dict[str, dict[str, Any]]:
 def load_remote_manifest(urls: Sequence[str], manifest: str | None = None) -> tuple[dict[str, Any], str]:
     """The parsed manifest for ``urls`` and where it came from."""
     tried = [manifest] if manifest else [sibling(urls[0], name) for name in MANIFEST_NAMES]
+    reasons = []
     for where in tried:
-        data = read_small(where)
+        data, why = read_small(where)
         if data is None:
+            reasons.append(f"{where} ({why})")
             continue
         try:
             return json.loads(data), where
         except ValueError:
             raise ShardError(f"unreadable manifest {where}: not JSON") from None
     raise ShardError(
-        f"no sample counts for {urls[0]}: tried {' and '.join(tried)}. Fix: write one with "
+        f"no sample counts for {urls[0]}: tried {' and '.join(reasons)}. Fix: write one with "
         "`hncse-dist shards --index PATTERN --manifest-out FILE` and set train_manifest=FILE"
     )
 
