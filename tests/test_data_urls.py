@@ -353,18 +353,20 @@ def losses(out: Path) -> dict[int, float]:
 @pytest.mark.slow
 @pytest.mark.dist
 def test_two_rank_training_from_http_equals_local_and_resumes(shard_dir, tiny_bert, tmp_path):
-    local = run(train_cmd(tiny_bert, tmp_path / "local", str(shard_dir)))
+    local = run(train_cmd(tiny_bert, tmp_path / "local", str(shard_dir), max_steps=4, save_every=2))
     assert local.returncode == 0, local.stderr[-4000:]
     with serve(shard_dir) as base:
-        remote = run(train_cmd(tiny_bert, tmp_path / "http", pattern(base)))
+        remote = run(train_cmd(tiny_bert, tmp_path / "http", pattern(base), max_steps=4, save_every=2))
         assert remote.returncode == 0, remote.stderr[-4000:]
-        ckpt = tmp_path / "http" / "checkpoints" / "step-00000003"
-        resumed = run(train_cmd(tiny_bert, tmp_path / "resumed", pattern(base), resume=str(ckpt)))
+        # Resumed mid-epoch with 2 DataLoader workers: the loader starting later must not shift dropout.
+        ckpt = tmp_path / "http" / "checkpoints" / "step-00000002"
+        resumed = run(train_cmd(tiny_bert, tmp_path / "resumed", pattern(base), max_steps=4, save_every=2,
+                                resume=str(ckpt)))
         assert resumed.returncode == 0, resumed.stderr[-4000:]
     ref = losses(tmp_path / "local")
-    assert sorted(ref) == [1, 2, 3, 4, 5, 6]
+    assert sorted(ref) == [1, 2, 3, 4]
     assert losses(tmp_path / "http") == ref  # bit for bit (fp32, CPU)
-    assert losses(tmp_path / "resumed") == {s: ref[s] for s in (4, 5, 6)}
+    assert losses(tmp_path / "resumed") == {s: ref[s] for s in (3, 4)}
 
 
 @pytest.mark.slow

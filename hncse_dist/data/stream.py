@@ -40,6 +40,7 @@ from .plan import (
     batches_per_epoch,
     block_permutation,
     block_size_for,
+    derive_seed,
     exact_rank_segments,
     resampled_rank_segments,
     slice_segments,
@@ -448,6 +449,10 @@ class ShardStream:
             collate_fn=_keep_as_is,
             prefetch_factor=self.prefetch_factor,
             persistent_workers=False,
+            # Its own generator: starting the workers draws their base seed from it, not from
+            # torch's global RNG, whose state (dropout) must not depend on when an epoch's
+            # loader starts -- a resumed run starts one mid-epoch.
+            generator=torch.Generator().manual_seed(derive_seed("loader", self.seed, self._epoch) % 2**63),
         )
 
     def __iter__(self) -> Iterator[Batch]:
