@@ -11,7 +11,11 @@ $HNCSE_DATA_DIR/corpus/wiki_en_sentences.txt, HNCSE_DATA_DIR defaulting to ../sh
 
 Measures (1) samples/s of ShardStream with default settings (2 DataLoader workers, batch 64,
 max_length 32, MiniLM tokenizer): tar reading + shuffling + tokenization, start-up included,
-for plain and for gzip (``hncse-dist shards --gzip``) shards, with their sizes on disk;
+for plain and for gzip (``hncse-dist shards --gzip``) shards, with their sizes on disk; raw
+tar reading with and without the sha256 verification every streamed shard gets (the cost of
+hashing); the memory of reading one large shard (all lines in a single shard): per-worker RSS
+while a 2-worker stream reads it, and the Python heap peak of ShardReader against tarfile's
+own iteration, which keeps one TarInfo per member;
 (2) sentences/s of the product's SimCSE step of the packaged all-MiniLM-L6-v2 at its fastest
 on CPU (one padding-free forward over both dropout views of 64 sentences under bf16 autocast,
 cosine InfoNCE at temperature 0.05, backward, fused AdamW). The
@@ -29,6 +33,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import tarfile
+import threading
+import tracemalloc
 import os
 import platform
 import socket
@@ -66,14 +73,15 @@ def default_corpus() -> Path:
     return data_dir / "corpus" / "wiki_en_sentences.txt"
 
 
-def build_shards(corpus: Path, lines: int, work_dir: Path, gzip: bool = False) -> str:
+def build_shards(corpus: Path, lines: int, work_dir: Path, gzip: bool = False, per_shard: int = 10000) -> str:
     head = work_dir / f"head{lines}.txt"
     if not head.is_file():
         with open(corpus, encoding="utf-8") as src, open(head, "w", encoding="utf-8") as dst:
             for _, line in zip(range(lines), src):
                 dst.write(line)
-    shard_dir = work_dir / ("shards_gz" if gzip else "shards")
-    write_shards([str(head)], str(shard_dir), 10000, progress=False, gzip=gzip)
+    name = ("shards_gz" if gzip else "shards") + ("" if per_shard == 10000 else f"_{per_shard}")
+    shard_dir = work_dir / name
+    write_shards([str(head)], str(shard_dir), per_shard, progress=False, gzip=gzip)
     return str(shard_dir)
 
 
@@ -81,14 +89,107 @@ def shard_bytes(shard_dir: str) -> int:
     return sum(e["bytes"] for e in load_manifest(shard_dir)["shards"])
 
 
-def time_tar_reading(shard_dir: str) -> float:
-    """Samples/s of raw tar reading in one process: the floor under tokenization."""
+def time_tar_reading(shard_dir: str, verify: bool = False) -> float:
+    """Samples/s of raw tar reading in one process: the floor under tokenization. With
+    ``verify`` each shard is checked against the manifest sha256 as the stream does."""
     start = time.perf_counter()
     count = 0
     for entry in load_manifest(shard_dir)["shards"]:
-        with ShardReader(os.path.join(shard_dir, entry["name"])) as reader:
-            count += sum(1 for _ in reader)
+        path = os.path.join(shard_dir, entry["name"])
+        with ShardReader(path, count=entry["count"], sha256=entry["sha256"] if verify else None) as reader:
+            count += len(reader.read(entry["count"]))  # read() verifies when its last sample is read
     return count / (time.perf_counter() - start)
+
+
+def sha256_mb_per_s(shard_dir: str) -> float:
+    """hashlib's sha256 over the shard files' bytes (already in memory): the price of verifying."""
+    import hashlib
+
+    blobs = [Path(shard_dir, e["name"]).read_bytes() for e in load_manifest(shard_dir)["shards"]]
+    start = time.perf_counter()
+    for blob in blobs:
+        hashlib.sha256(blob).hexdigest()
+    return sum(map(len, blobs)) / 2**20 / (time.perf_counter() - start)
+
+
+def best_of(fn, repeats: int = 3) -> float:
+    """The highest of a few rates: the timing least disturbed by other work on the machine."""
+    return max(fn() for _ in range(repeats))
+
+
+def _rss_bytes(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+
+def worker_rss_while_streaming(stream: ShardStream) -> dict[str, float]:
+    """Per-worker RSS (MB) sampled every 50 ms while ``stream`` yields one epoch: the first
+    sample after a worker starts, its peak, and the growth between them."""
+    seen: dict[int, list[int]] = {}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            for child in _children(os.getpid()):
+                if (rss := _rss_bytes(child)) is not None:
+                    seen.setdefault(child, []).append(rss)
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    samples = sum(batch["input_ids"].shape[0] for batch in stream)
+    done.set()
+    sampler.join()
+    workers = [v for v in seen.values() if len(v) > 2]
+    mb = 1 / 2**20
+    return {"samples": samples, "workers": len(workers),
+            "first_rss_mb": round(max(v[0] for v in workers) * mb, 1) if workers else None,
+            "peak_rss_mb": round(max(max(v) for v in workers) * mb, 1) if workers else None,
+            "max_growth_mb": round(max(max(v) - v[0] for v in workers) * mb, 1) if workers else None}
+
+
+def heap_peak_mb(read) -> float:
+    tracemalloc.start()
+    try:
+        read()
+        return round(tracemalloc.get_traced_memory()[1] / 2**20, 2)
+    finally:
+        tracemalloc.stop()
+
+
+def large_shard_memory(shard_dir: str, tokenizer) -> dict[str, float]:
+    (entry,) = load_manifest(shard_dir)["shards"]
+    path = os.path.join(shard_dir, entry["name"])
+
+    def with_reader() -> None:
+        with ShardReader(path, count=entry["count"], sha256=entry["sha256"]) as reader:
+            for _ in reader:
+                pass
+
+    def with_tarfile() -> None:  # what a reader on tarfile's own iteration holds
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                tar.extractfile(member).read()
+
+    stream = ShardStream(shard_dir, tokenizer, BATCH_SIZE, MAX_LENGTH)  # 2 workers, like training
+    return {"samples_in_shard": entry["count"], "shard_bytes": entry["bytes"],
+            "reader_heap_peak_mb": heap_peak_mb(with_reader),
+            "tarfile_members_heap_peak_mb": heap_peak_mb(with_tarfile),
+            "stream_workers": worker_rss_while_streaming(stream)}
 
 
 def time_stream(stream: ShardStream, epochs: int) -> dict[str, float]:
@@ -223,8 +324,12 @@ def main() -> int:
         stream = ShardStream(shard_dir, tokenizer, BATCH_SIZE, MAX_LENGTH)  # defaults: 2 workers
         stream_stats = time_stream(stream, args.epochs)
         gz_stats = time_stream(ShardStream(gz_dir, tokenizer, BATCH_SIZE, MAX_LENGTH), args.epochs)
-        read_rate = time_tar_reading(shard_dir)
-        gz_read_rate = time_tar_reading(gz_dir)
+        read_rate = best_of(lambda: time_tar_reading(shard_dir))
+        verified_rate = best_of(lambda: time_tar_reading(shard_dir, verify=True))
+        gz_read_rate = best_of(lambda: time_tar_reading(gz_dir))
+        gz_verified_rate = best_of(lambda: time_tar_reading(gz_dir, verify=True))
+        sha_rate = best_of(lambda: sha256_mb_per_s(shard_dir))
+        memory = large_shard_memory(build_shards(args.corpus, args.lines, work_dir, per_shard=args.lines), tokenizer)
         sizes = {"corpus_head_bytes": os.path.getsize(work_dir / f"head{args.lines}.txt"),
                  "tar_bytes": shard_bytes(shard_dir), "tar_gz_bytes": shard_bytes(gz_dir)}
         train_stats = time_training(shard_dir, tokenizer, args.steps)
@@ -237,8 +342,16 @@ def main() -> int:
         "stream": {**stream_stats, "num_workers": stream.num_workers, "batch_size": BATCH_SIZE,
                    "max_length": MAX_LENGTH, "shuffle_buffer": stream.shuffle_buffer},
         "tar_read_only_samples_per_s": round(read_rate, 1),
+        "tar_read_verified_samples_per_s": round(verified_rate, 1),
+        "sha256_cost_fraction_of_read": round(1 - verified_rate / read_rate, 3),
+        "sha256_mb_per_s": round(sha_rate, 1),
+        # hashing time per sample over stream time per sample: the verification's share of the stream
+        "sha256_share_of_stream_time": round(
+            sizes["tar_bytes"] / 2**20 / sha_rate / (stream_stats["samples"] / stream_stats["samples_per_s"]), 4),
         "gzip_shards": {"stream_samples_per_s": round(gz_stats["samples_per_s"], 1),
-                        "read_only_samples_per_s": round(gz_read_rate, 1), **sizes},
+                        "read_only_samples_per_s": round(gz_read_rate, 1),
+                        "read_verified_samples_per_s": round(gz_verified_rate, 1), **sizes},
+        "large_shard_memory": memory,
         "train": {**train_stats, "model": "all-MiniLM-L6-v2 (packaged)", "views": 2, "precision": "bf16",
                   "temperature": TEMPERATURE, "torch_threads": torch.get_num_threads()},
         "corpus_lines": args.lines,

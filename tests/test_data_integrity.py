@@ -10,10 +10,8 @@ import io
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tarfile
 import time
 import tracemalloc
 import zipfile
@@ -173,8 +171,6 @@ def test_manifest_subfolder_names_are_allowed(tmp_path, tokenizer):
 
 
 def make_archive(tmp_path: Path, kind: str) -> Path:
-    samples = tmp_path / "samples"
-    samples.mkdir(exist_ok=True)
     tar_path = tmp_path / "x.tar"
     write_text_tar(((f"{i:04d}", f"sentence {i}") for i in range(50)), str(tar_path))
     if kind == "tar":
@@ -242,6 +238,15 @@ def test_latin1_is_refused_then_read_with_encoding(tmp_path, capsys):
     with ShardReader(str(tmp_path / "out" / "shard-000000.tar")) as reader:
         texts = [t for _, t in reader]
     assert texts[0] == "un caf\u00e9 num\u00e9ro 0" and len(texts) == 200
+
+
+def test_mis_encoded_input_is_refused_early(tmp_path):
+    # The verdict comes after the first 1000 lines, not after hours of converting a large file.
+    src = tmp_path / "big_latin1.txt"
+    src.write_bytes("".join(f"caf\u00e9 {i}\n" for i in range(20_000)).encode("latin-1"))
+    with pytest.raises(ValueError, match=r"1000 of 1000 lines had invalid UTF-8, 0 had NUL bytes"):
+        write_shards([str(src)], str(tmp_path / "out"), 100, progress=False)
+    assert not (tmp_path / "out" / "manifest.json").exists()
 
 
 def test_allow_repairs_keeps_lines_and_prints_counts(tmp_path, capsys):

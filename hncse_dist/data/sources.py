@@ -310,18 +310,17 @@ class RepairLimit:
         self.source, self.tally, self.encoding, self.allow = source, tally, encoding, allow
         self._kind = repair_kind(encoding)
         self._start = self._counts()
-        self._next_check = _REPAIR_CHECK_AFTER
+        self._next_check = self._start[0] + _REPAIR_CHECK_AFTER  # in tally.read: cheap per record
 
     def _counts(self) -> tuple[int, int, int]:
         return self.tally.read, self.tally.repaired[self._kind], self.tally.repaired["nul_bytes"]
 
     def check(self, final: bool = False) -> None:
-        if self.allow:
+        """Called after every record (cheap) and with ``final`` at the source's end."""
+        if self.allow or (not final and self.tally.read < self._next_check):
             return
+        self._next_check = self.tally.read + _REPAIR_CHECK_AFTER
         lines, undecodable, nul = (now - start for now, start in zip(self._counts(), self._start))
-        if not final and lines < self._next_check:
-            return
-        self._next_check = lines + _REPAIR_CHECK_AFTER
         if lines and undecodable + nul > MAX_REPAIRED_FRACTION * lines:
             raise TooManyRepairs(self.source, lines, undecodable, nul, self.encoding)
 

@@ -115,23 +115,74 @@ def split_member_name(name: str) -> tuple[str, str]:
 
 
 class _HashingReader:
-    """Read-only file wrapper that hashes and counts every byte read through it, in order."""
+    """Forward-only file view that hashes every byte of the file in order, exactly once.
 
-    def __init__(self, raw: BinaryIO, name: str) -> None:
+    The file is read in large chunks, each hashed as it arrives; ``read`` serves slices of
+    the current chunk and ``seek`` may only move forward (skipped bytes are still read and
+    hashed). After ``drain`` the digest covers the whole file whatever was skipped.
+    """
+
+    def __init__(self, raw: BinaryIO, name: str, chunk_size: int = 1 << 20) -> None:
         self._raw = raw
         self.name = name
         self.sha256 = hashlib.sha256()
-        self.size = 0
+        self.size = 0  # bytes read from the file (and hashed)
+        self._chunk_size = chunk_size
+        self._buf = b""
+        self._off = 0
+        self._pos = 0  # position seen by the caller
 
-    def read(self, n: int = -1) -> bytes:
-        data = self._raw.read(n)
+    def _fill(self) -> bool:
+        data = self._raw.read(self._chunk_size)
+        if not data:
+            return False
         self.sha256.update(data)
         self.size += len(data)
-        return data
+        self._buf = self._buf[self._off:] + data
+        self._off = 0
+        return True
 
-    def drain(self, chunk_size: int = 1 << 20) -> None:
-        while self.read(chunk_size):
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            while self._fill():
+                pass
+            n = len(self._buf) - self._off
+        while len(self._buf) - self._off < n and self._fill():
             pass
+        out = self._buf[self._off : self._off + n]
+        self._off += len(out)
+        self._pos += len(out)
+        return out
+
+    def tell(self) -> int:
+        return self._pos
+
+    def peek(self, n: int) -> bytes:
+        """The next ``n`` bytes (fewer at the end), without moving."""
+        while len(self._buf) - self._off < n and self._fill():
+            pass
+        return self._buf[self._off : self._off + n]
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        if whence == 1:
+            pos += self._pos
+        if whence == 2 or pos < self._pos:
+            raise OSError(f"{self.name}: shards are read front to back (no backward seek)")
+        while pos > self._pos:
+            if self._off == len(self._buf) and not self._fill():
+                break
+            step = min(pos - self._pos, len(self._buf) - self._off)
+            self._off += step
+            self._pos += step
+        return self._pos
+
+    def seekable(self) -> bool:
+        return False
+
+    def drain(self) -> None:
+        self._buf, self._off = b"", 0
+        while self._fill():
+            self._buf, self._off = b"", 0
 
     def close(self) -> None:
         self._raw.close()
@@ -140,7 +191,7 @@ class _HashingReader:
 class ShardReader:
     """Forward-only reader over the samples of one tar shard.
 
-    The file is read strictly once, front to back (tarfile's stream mode), through a sha256:
+    The file is read strictly once, front to back, through a sha256 (``_HashingReader``):
     skipping to a sample offset reads past the skipped bytes rather than seeking, so the
     digest covers the whole file whichever samples are used. With ``sha256`` (and ``count``)
     from the manifest, ``finish()`` -- called by ``read`` as soon as the last sample is read,
@@ -165,7 +216,6 @@ class ShardReader:
         self.finished = False
         self._ended = False  # tarfile reported the archive's end (asking again would seek back)
         self._peeked: tarfile.TarInfo | None = None
-        mode = "r|*"  # compression sniffed from the first bytes: also for URLs and pipe: commands
         from .urls import open_url  # local paths, URLs, pipe: commands (webdataset's gopen)
 
         try:
@@ -174,7 +224,9 @@ class ShardReader:
             raise ShardError(f"shard not found: {path}") from None
         self._file = _HashingReader(raw, path)
         try:
-            self._tar = tarfile.open(fileobj=self._file, mode=mode, bufsize=1 << 16)  # type: ignore[call-overload]
+            # Compression from the first bytes, not the name: a URL or pipe: command need not end in .gz.
+            mode = "r:gz" if self._file.peek(2) == b"\x1f\x8b" else "r:"
+            self._tar = tarfile.open(fileobj=self._file, mode=mode)  # type: ignore[call-overload]
         except (tarfile.TarError, OSError, EOFError) as exc:
             raw.close()
             raise ShardError(f"corrupt or empty shard {path}: {exc}") from None
@@ -209,6 +261,11 @@ class ShardReader:
             raise ShardError(
                 f"corrupt shard {self.path}: it holds more than the {self.count} samples manifest.json "
                 "lists. Fix: rebuild it with `hncse-dist shards` (or re-index foreign shards)"
+            )
+        if self.count is not None and self.position < self.count:
+            raise ShardError(
+                f"shard {self.path} ended after {self.position} samples, manifest.json says {self.count}; "
+                "it is truncated or corrupt (rebuild it with `hncse-dist shards`)"
             )
         self._file.drain()
         self.finished = True
