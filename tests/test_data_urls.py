@@ -410,3 +410,22 @@ def test_gzip_shards_through_a_pipe_whose_command_does_not_end_in_the_name(tmp_p
     assert shards_main(["--input", text, "--output", str(out), "--samples-per-shard", "40", "--gzip", "--quiet"]) == 0
     source = f"pipe:cat {out}/shard-{{000000..000002}}.tar.gz | cat"
     assert_same(batches(source, tokenizer, 0, num_workers=0), batches(str(out), tokenizer, 0, num_workers=0))
+
+
+def test_resampled_mixture_follows_the_weights_and_resumes_on_another_world_size(shard_dir, tokenizer, tmp_path):
+    other = tmp_path / "other"
+    write_foreign(other, json_only=False)
+    assert shards_main(["--index", str(other)]) == 0
+    mix = [{"path": str(shard_dir), "weight": 1.0}, {"path": str(other), "weight": 4.0}]
+    make = functools.partial(ShardStream, mix, tokenizer, 8, 64, seed=2, num_workers=0, resampled=True)
+    ranks = [make(rank=r, world_size=2) for r in (0, 1)]
+    assert ranks[0].batches_per_epoch == ranks[1].batches_per_epoch == (400 + 4 * 96) // 16
+    keys = [k for s in ranks for epoch in range(3) for b in s for k in b["keys"]]
+    share = sum(k.startswith("docs") for k in keys) / len(keys)
+    assert 0.3 < share < 0.7  # expected 4*96 / (400 + 4*96) = 0.49 (whole shards drawn: coarse)
+    first = make(rank=0, world_size=2)
+    for _ in zip(range(10), first):
+        pass
+    three = make(rank=0, world_size=3)
+    three.load_state_dict(first.state_dict())  # resampled: another world size is accepted
+    assert three.batches_consumed == 10 * 2 // 3
