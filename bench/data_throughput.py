@@ -21,17 +21,25 @@ on CPU (one padding-free forward over both dropout views of 64 sentences under b
 cosine InfoNCE at temperature 0.05, backward, fused AdamW). The
 stream should be >= 10x faster than training so it never starves it. Prints the JSON and
 writes it to bench/results/data_throughput.json.
+
+``--sources``: instead, the same stream from the same shards opened four ways -- a local
+plain tar folder, local .tar.gz, a loopback HTTP server (``python -m http.server --bind
+127.0.0.1``, read with curl through webdataset's gopen) and ``pipe:cat`` -- against the same
+training step; writes bench/results/data_sources.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import tarfile
 import threading
 import tracemalloc
 import os
 import platform
+import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -224,6 +232,57 @@ def time_training(shard_dir: str, tokenizer, steps: int) -> dict[str, float]:
             "seconds_per_step": elapsed / steps, "last_loss": losses[-1]}
 
 
+@contextlib.contextmanager
+def http_server(directory: str):
+    """``python -m http.server --bind 127.0.0.1`` on a free port, stopped by PID on exit."""
+    from hncse_dist.launcher import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port),
+                             "--directory", directory], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def time_sources(args: argparse.Namespace, tokenizer, work_dir: Path) -> dict:
+    shard_dir = build_shards(args.corpus, args.lines, work_dir)
+    gz_dir = build_shards(args.corpus, args.lines, work_dir, gzip=True)
+    names = [e["name"] for e in load_manifest(shard_dir)["shards"]]
+    brace = f"shard-{{000000..{len(names) - 1:06d}}}.tar"
+    with http_server(shard_dir) as base:
+        sources = {
+            "local_tar": shard_dir,
+            "local_tar_gz": gz_dir,
+            "http_loopback": f"{base}/{brace}",
+            "pipe_cat": f"pipe:cat {shard_dir}/{brace}",
+        }
+        rates = {}
+        for kind, source in sources.items():
+            stats = time_stream(ShardStream(source, tokenizer, BATCH_SIZE, MAX_LENGTH), args.epochs)
+            rates[kind] = {"source": source.replace(str(work_dir), "WORK"),
+                           "stream_samples_per_s": round(stats["samples_per_s"], 1),
+                           "first_batch_s": round(stats["first_batch_s"], 2)}
+    train_stats = time_training(shard_dir, tokenizer, args.steps)
+    for entry in rates.values():
+        entry["ratio_over_train"] = round(entry["stream_samples_per_s"] / train_stats["sentences_per_s"], 1)
+        entry["meets_10x_target"] = entry["ratio_over_train"] >= 10
+    return {"sources": rates, "train_sentences_per_s": round(train_stats["sentences_per_s"], 2),
+            "train": train_stats, "corpus_lines": args.lines, "shards": len(names),
+            "num_workers": 2, "batch_size": BATCH_SIZE, "max_length": MAX_LENGTH,
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}}
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--corpus", type=Path, default=default_corpus())
@@ -231,8 +290,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--work-dir", type=Path, default=None)
-    parser.add_argument("--output", type=Path, default=REPO_ROOT / "bench" / "results" / "data_throughput.json")
-    return parser.parse_args()
+    parser.add_argument("--output", type=Path, default=None,
+                        help="default bench/results/data_throughput.json (data_sources.json with --sources)")
+    parser.add_argument("--sources", action="store_true",
+                        help="compare local tar, .tar.gz, loopback HTTP and pipe:cat sources of the same shards")
+    args = parser.parse_args()
+    if args.output is None:
+        name = "data_sources.json" if args.sources else "data_throughput.json"
+        args.output = REPO_ROOT / "bench" / "results" / name
+    return args
 
 
 def main() -> int:
@@ -241,6 +307,15 @@ def main() -> int:
         print(f"error: corpus not found: {args.corpus} (set HNCSE_DATA_DIR or pass --corpus)", file=sys.stderr)
         return 2
     tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_dir())
+    if args.sources:
+        with tempfile.TemporaryDirectory() as tmp:
+            work_dir = args.work_dir or Path(tmp)
+            work_dir.mkdir(parents=True, exist_ok=True)
+            result = time_sources(args, tokenizer, work_dir)
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        print(json.dumps(result, indent=2))
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         work_dir = args.work_dir or Path(tmp)
         work_dir.mkdir(parents=True, exist_ok=True)

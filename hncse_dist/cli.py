@@ -65,6 +65,7 @@ def _train(argv: list[str]) -> int:
             pass  # e.g. a hub name offline: every process reports it with its context
         return launch(args.nproc_per_node, argv)
     from .checkpoint import CheckpointWriteError
+    from .data.tario import ShardError
     from .train import EvalFailed, TrainingDiverged, train
 
     try:
@@ -75,6 +76,9 @@ def _train(argv: list[str]) -> int:
     except TrainingDiverged as err:  # a joint decision: every rank stops here; rank 0 reports
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"hncse-dist train: error: {err}", file=sys.stderr)
+        return 1
+    except ShardError as err:  # a shard failed while training (after its retries): one line, exit 1
+        print(f"hncse-dist train: error: {err}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:  # a second Ctrl-C while the first one's checkpoint was pending
         print("hncse-dist train: interrupted", file=sys.stderr)

@@ -45,7 +45,14 @@ class TrainConfig(ObjectiveConfig):
     packed_forward: bool = True
     # data
     train_file: str | None = None  # one sentence per line (plain or .gz); converted to shards once
-    train_shards: str | None = None  # folder written by 'hncse-dist shards'
+    # A folder written by 'hncse-dist shards', a brace pattern of paths or URLs
+    # (https://host/shard-{000000..000099}.tar), pipe:COMMAND, s3:// gs:// hf:// URLs, a text file
+    # with one shard path/URL per line, or a mixture: a list of {path: SOURCE, weight: W} (README)
+    train_shards: str | list | None = None
+    train_manifest: str | None = None  # sample counts for URL shards (default: manifest.json or sizes.json beside them)
+    text_key: str | None = None  # shard member holding the text: txt (default), caption, json:FIELD.PATH
+    shard_retries: int = 3  # reopen a URL / pipe: shard this often after a failure before stopping
+    shard_retry_delay: float = 1.0  # seconds before the first retry, doubled for each next one
     # train_file's text encoding; with more than 1% of lines undecodable or holding NUL bytes the
     # file is refused as binary / mis-encoded unless train_file_allow_repairs (then repaired, counted)
     train_file_encoding: str = "utf-8"
@@ -125,7 +132,15 @@ class TrainConfig(ObjectiveConfig):
             raise ConfigError(f"train_file={self.train_file} does not exist: pass a one-sentence-per-line text file")
         if self.train_file is not None and Path(self.train_file).stat().st_size == 0:
             raise ConfigError(f"train_file={self.train_file} is empty: pass a file with one sentence per line")
-        if self.train_shards is not None and not (Path(self.train_shards) / "manifest.json").is_file():
+        from .data.mixture import check_train_shards
+
+        try:
+            check_train_shards(self.train_shards)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        if isinstance(self.train_shards, str) and Path(self.train_shards).is_dir() and not (
+            Path(self.train_shards) / "manifest.json"
+        ).is_file():
             raise ConfigError(
                 f"train_shards={self.train_shards} has no manifest.json: write shards with "
                 "'hncse-dist shards --input FILE --output DIR'"
@@ -170,6 +185,8 @@ def _typed(key: str, value: Any) -> Any:
         if "None" in kind:
             return None
         raise ConfigError(f"{key} cannot be null")
+    if isinstance(value, list) and "list" in kind:
+        return value
     try:
         if kind.startswith("bool"):
             if isinstance(value, str):
@@ -252,11 +269,14 @@ def _read_yaml(p: Path) -> Any:
         raise ConfigError(f"config file {p}: invalid YAML at {where}: {err.problem}{extra}") from None
 
 
-PATH_KEYS = ("train_file", "train_shards", "eval_file", "deepspeed", "model_name_or_path")
+PATH_KEYS = ("train_file", "train_shards", "train_manifest", "eval_file", "deepspeed", "model_name_or_path")
 
 
 def _resolve_relative(key: str, value: Any, base: Path) -> Any:
     """Paths in a config file are relative to the file, when such a file exists."""
+    if key == "train_shards" and isinstance(value, list):  # a mixture: each source's path
+        return [dict(v, path=_resolve_relative(key, v["path"], base)) if isinstance(v, dict) and "path" in v else v
+                for v in value]
     if key in PATH_KEYS and isinstance(value, str) and not os.path.isabs(value):
         candidate = base / value
         if candidate.exists():
@@ -372,6 +392,8 @@ RANGES: dict[str, Range] = {
     "max_nonfinite_skips": Range(0, note="0: never stop on non-finite losses"),
     "peak_flops": Range(0, integer=False, note="0: datasheet figure for known GPUs, measured on CPU"),
     "cache_chunk_size": Range(0, note="0: off"),
+    "shard_retries": Range(0, note="0: a failed URL / pipe: shard fails at once"),
+    "shard_retry_delay": Range(0, integer=False, note="seconds before the first retry, doubling"),
     "dist_timeout_minutes": Range(0, lo_open=True, integer=False, note="a collective waits this long for a lost rank"),
     "dropout": Range(0, 1, hi_open=True, integer=False, null="the model's own dropout"),
 }

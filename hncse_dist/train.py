@@ -159,13 +159,20 @@ def build_stream(cfg: TrainConfig, tokenizer, acc):
                                           allow_repairs=cfg.train_file_allow_repairs, report=acc.is_main_process)
             except ValueError as err:  # refused input (binary, mis-encoded, an archive): a config problem
                 raise ConfigError(str(err)) from None
-    stream = ShardStream(
-        shard_dir, tokenizer, cfg.batch_size, cfg.max_seq_length, seed=cfg.seed,
-        rank=acc.process_index, world_size=acc.num_processes,
-        num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer,
-        skip_corrupt=cfg.skip_corrupt, resampled=cfg.resampled,
-        worker_start="forkserver",  # workers must not inherit the model (see ShardStream)
-    )
+    from .data.tario import ShardError
+
+    try:
+        stream = ShardStream(
+            shard_dir, tokenizer, cfg.batch_size, cfg.max_seq_length, seed=cfg.seed,
+            rank=acc.process_index, world_size=acc.num_processes,
+            num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer,
+            skip_corrupt=cfg.skip_corrupt, resampled=cfg.resampled,
+            manifest=cfg.train_manifest, text_key=cfg.text_key,
+            shard_retries=cfg.shard_retries, retry_delay=cfg.shard_retry_delay,
+            worker_start="forkserver",  # workers must not inherit the model (see ShardStream)
+        )
+    except (ShardError, ValueError) as err:  # no manifest / counts, unreadable source, too little data
+        raise ConfigError(str(err)) from None
     if stream.skipped_shards:
         acc.print(stream.skip_report())
     return stream

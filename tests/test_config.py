@@ -95,6 +95,8 @@ RANGE_CASES = {
     "peak_flops": (["-1", "nan"], ["0", "3.1e14"],
                    "a number >= 0 (0: datasheet figure for known GPUs, measured on CPU)"),
     "cache_chunk_size": (["-1"], ["0", "16"], "an integer >= 0 (0: off)"),
+    "shard_retries": (["-1"], ["0", "3"], "an integer >= 0 (0: a failed URL / pipe: shard fails at once)"),
+    "shard_retry_delay": (["-1", "nan"], ["0", "1.5"], "a number >= 0 (seconds before the first retry, doubling)"),
     "dist_timeout_minutes": (["0", "-1", "nan"], ["0.25", "30"],
                              "a number > 0 (a collective waits this long for a lost rank)"),
     "dropout": (["-0.1", "1", "1.5", "nan"], ["0", "0.1", "0.99", "null"],

@@ -71,13 +71,14 @@ def shard_path(shard_dir: str, name: Any) -> str:
 
     Only relative names without ``..`` components are accepted (sub-folders are fine, and so
     are symbolic links the folder's owner placed there); absolute paths, parent references
-    and URLs (no shard source reads URLs) would let a manifest open arbitrary files.
+    and URLs would let a manifest open arbitrary files (URL shards are named by train_shards
+    itself, and their manifest is matched by file name: urls.py).
     """
     reason = None
     if not isinstance(name, str) or not name or "\x00" in name:
         reason = "is not a file name"
     elif re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", name):
-        reason = "is a URL; shards are read from the manifest's folder only"
+        reason = "is a URL; a folder's manifest names files in that folder (put URLs in train_shards)"
     elif os.path.isabs(name) or name.startswith(("/", "\\")):
         reason = "is an absolute path"
     elif ".." in re.split(r"[/\\]", name):

@@ -397,9 +397,16 @@ def build_shards_parser(prog: str = "hncse-dist shards") -> argparse.ArgumentPar
     )
     parser.add_argument("--input", nargs="+", metavar="PATH", help="input files, dataset dirs or Hub names")
     parser.add_argument("--output", metavar="DIR", help="output shard directory (created if missing)")
-    parser.add_argument("--index", metavar="DIR", default=None,
+    parser.add_argument("--index", metavar="DIR_OR_PATTERN", default=None,
                         help="instead of converting text: write manifest.json for the .tar/.tar.gz shards already "
-                             "in DIR (e.g. written by webdataset.ShardWriter), so train_shards=DIR reads them")
+                             "in DIR (e.g. written by webdataset.ShardWriter), so train_shards=DIR reads them; also "
+                             "a brace pattern, URL(s), pipe:COMMAND or a file listing shards (with --manifest-out)")
+    parser.add_argument("--text-key", default=None, metavar="KEY",
+                        help="with --index: the member holding the text, an extension (txt, text, caption) or "
+                             "json:FIELD.PATH (json:text); recorded in the manifest as training's text_key")
+    parser.add_argument("--manifest-out", default=None, metavar="FILE",
+                        help="with --index: where to write the manifest (default: manifest.json in the shards' "
+                             "folder; required for URLs)")
     parser.add_argument("--samples-per-shard", type=int, default=10000, metavar="N", help="samples per tar shard (default 10000)")
     parser.add_argument("--text-field", default="text", metavar="F", help="JSONL/dataset field holding the text (default: text)")
     parser.add_argument(
@@ -428,7 +435,9 @@ def shards_main(argv: list[str]) -> int:
     parser = build_shards_parser()
     args = parser.parse_args(argv)
     if args.index is not None:
-        return _index_main(args.index)
+        from .index import index_main
+
+        return index_main(args.index, args.text_key, args.manifest_out)
     if not args.input or not args.output:
         parser.error("--input and --output are required (or --index DIR)")
     try:
@@ -452,19 +461,6 @@ def shards_main(argv: list[str]) -> int:
         return 2
     print(format_report(manifest))
     print(f"manifest: {os.path.join(args.output, MANIFEST_NAME)}")
-    return 0
-
-
-def _index_main(shard_dir: str) -> int:
-    from .tario import ShardError
-
-    try:
-        manifest = index_shards(shard_dir)
-    except (FileNotFoundError, ShardError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"indexed {manifest['total']} samples in {len(manifest['shards'])} shards")
-    print(f"manifest: {os.path.join(shard_dir, MANIFEST_NAME)}")
     return 0
 
 

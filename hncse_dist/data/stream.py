@@ -14,29 +14,39 @@ Guarantees (see plan.py for the exact sample order):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .mixture import (
+    exact_mixture_segments,
+    is_plain,
+    mixture_epoch_size,
+    parse_sources,
+    resampled_mixture_segments,
+)
 from .manifest import ShardInfo, check_shard, load_manifest, shard_infos
 from .plan import (
     Segment,
     batches_per_epoch,
     block_permutation,
     block_size_for,
+    derive_seed,
     exact_rank_segments,
     resampled_rank_segments,
     slice_segments,
 )
 from .tario import ShardError, ShardReader
+from .urls import is_remote, is_url_source, remote_infos, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +73,9 @@ class _EpochPlan:
     rank: int
     shuffle: bool
     start_batch: int
+    text_keys: tuple[str | None, ...] = ()  # per shard: the member (or JSON field) holding the text
+    shard_retries: int = 0  # reopen a URL / pipe: shard this many times after a failure
+    retry_delay: float = 1.0  # seconds before the first retry, doubled after each
 
     @property
     def span(self) -> int:
@@ -87,14 +100,37 @@ class _SegmentReader:
 
     def read(self, seg: Segment) -> list[tuple[str, str]]:
         path = self._plan.paths[seg.shard]
+        if not is_remote(path) or not self._plan.shard_retries:
+            return self._read_once(seg)
+        # A remote shard is reopened from its start and read up to the same sample: the
+        # samples are the same, so a retry changes nothing but the time taken.
+        def again() -> list[tuple[str, str]]:
+            try:
+                return self._read_once(seg)
+            except ShardError:
+                self._drop()
+                raise
+
+        return with_retries(path, again, self._plan.shard_retries, self._plan.retry_delay)
+
+    def _read_once(self, seg: Segment) -> list[tuple[str, str]]:
+        path = self._plan.paths[seg.shard]
         reader = self._reader
         if reader is None or reader.path != path or reader.position > seg.start:
             self.close(verify=True)
             reader = self._reader = ShardReader(
-                path, count=self._plan.counts[seg.shard], sha256=self._plan.shas[seg.shard]
+                path, count=self._plan.counts[seg.shard], sha256=self._plan.shas[seg.shard],
+                text_key=self._plan.text_keys[seg.shard] if self._plan.text_keys else None,
             )
         reader.skip(seg.start - reader.position)
         return reader.read(seg.count)
+
+    def _drop(self) -> None:
+        """Forget the current (failed) shard without verifying the rest of it."""
+        if self._reader is not None:
+            reader, self._reader = self._reader, None
+            with contextlib.suppress(Exception):
+                reader.close()
 
     def close(self, verify: bool = False) -> None:
         if self._reader is not None:
@@ -202,8 +238,23 @@ def _worker_error_summary(exc: ShardError) -> str | None:
     return text.rsplit(marker, 1)[1].strip() + " (raised in a DataLoader worker)"
 
 
-def _usable_shards(shard_dir: str, skip_corrupt: bool) -> tuple[list[ShardInfo], list[ShardInfo], list[str]]:
-    """Shards to read, the skipped ones and why; raise on problems unless skipping.
+def check_remote_shard(info: ShardInfo, text_key: str | None) -> str | None:
+    """Why a URL / pattern shard cannot be used as its manifest says (one full read), or None."""
+    try:
+        with ShardReader(info.path, count=info.count, sha256=info.sha256, text_key=text_key) as reader:
+            reader.read(info.count)
+            if not reader.finished:
+                reader.finish()
+    except ShardError as exc:
+        return str(exc)
+    return None
+
+
+def _usable_shards(
+    shard_dir: str, skip_corrupt: bool, manifest: str | None = None, text_key: str | None = None
+) -> tuple[list[ShardInfo], list[ShardInfo], list[str], str | None]:
+    """Shards to read, the skipped ones, why, and the text_key (given, or the manifest's);
+    raise on problems unless skipping.
 
     The same checks run on every rank over the same files, so every rank skips the same
     shards and the batch count stays equal. With skip_corrupt every shard's sha256 is
@@ -211,8 +262,14 @@ def _usable_shards(shard_dir: str, skip_corrupt: bool) -> tuple[list[ShardInfo],
     altered only while it is streamed could not be left out without unequal batch counts
     across ranks, so streaming verification stops the run in either mode.
     """
-    infos = shard_infos(shard_dir, load_manifest(shard_dir))
-    problems = {info.path: check_shard(info, verify_sha=skip_corrupt) for info in infos}
+    if is_url_source(shard_dir):
+        infos, recorded_key = remote_infos(shard_dir, manifest)
+        text_key = text_key or recorded_key
+        problems = {info.path: check_remote_shard(info, text_key) if skip_corrupt else None for info in infos}
+    else:
+        loaded = load_manifest(shard_dir)
+        infos, text_key = shard_infos(shard_dir, loaded), text_key or loaded.get("text_key")
+        problems = {info.path: check_shard(info, verify_sha=skip_corrupt) for info in infos}
     bad = [p for p in problems.values() if p]
     if bad and not skip_corrupt:
         more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
@@ -222,11 +279,13 @@ def _usable_shards(shard_dir: str, skip_corrupt: bool) -> tuple[list[ShardInfo],
         )
     for problem in bad:
         log.warning("skipping shard: %s", problem)
-    return [i for i in infos if not problems[i.path]], [i for i in infos if problems[i.path]], bad
+    return [i for i in infos if not problems[i.path]], [i for i in infos if problems[i.path]], bad, text_key
 
 
-def _dataset_fingerprint(infos: list[ShardInfo]) -> str:
-    listing = [(os.path.basename(i.path), i.count) for i in infos]
+def _dataset_fingerprint(infos: list[ShardInfo], weights: list[float] | None = None) -> str:
+    listing: list[Any] = [(os.path.basename(i.path), i.count) for i in infos]
+    if weights is not None:
+        listing.append(("weights", weights))
     return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
 
 
@@ -257,6 +316,10 @@ class ShardStream:
         skip_corrupt: bool = False,
         prefetch_factor: int = 2,
         worker_start: str | None = None,
+        manifest: str | None = None,
+        text_key: str | None = None,
+        shard_retries: int = 0,
+        retry_delay: float = 1.0,
     ) -> None:
         if batch_size < 1 or max_length < 1:
             raise ValueError(f"batch_size and max_length must be >= 1, got {batch_size}, {max_length}")
@@ -285,9 +348,28 @@ class ShardStream:
         # they never share (and, once the caller updates it, duplicate) a model's pages. None:
         # the platform default (fork on Linux).
         self.worker_start = worker_start
-        self._shards, skipped, self.skipped_shards = _usable_shards(shard_dir, skip_corrupt)
+        self.manifest = manifest
+        self.shard_retries = shard_retries
+        self.retry_delay = retry_delay
+        sources = parse_sources(shard_dir)
+        if len(sources) == 1:
+            sources = [replace(sources[0], manifest=sources[0].manifest or manifest,
+                               text_key=sources[0].text_key or text_key)]
+        self._shards, skipped, self.skipped_shards, self._text_keys, self._source_of = [], [], [], [], []
+        for index, source in enumerate(sources):
+            usable, left_out, why, key = _usable_shards(
+                source.path, skip_corrupt, source.manifest, source.text_key or text_key
+            )
+            self._shards += usable
+            skipped += left_out
+            self.skipped_shards += why
+            self._text_keys += [key] * len(usable)
+            self._source_of += [index] * len(usable)
+        self._weights = [s.weight for s in sources]
+        self._mixture = not is_plain(sources)
         self.skipped_samples = sum(i.count for i in skipped)
-        self.total_samples = sum(i.count for i in self._shards)
+        counts = [i.count for i in self._shards]
+        self.total_samples = mixture_epoch_size(counts, self._source_of, self._weights) if self._mixture else sum(counts)
         self._batches_per_epoch = batches_per_epoch(self.total_samples, batch_size, world_size)
         if self._batches_per_epoch == 0:
             raise ValueError(
@@ -295,7 +377,7 @@ class ShardStream:
                 f"(world_size {world_size} x batch_size {batch_size}); use more data or a smaller batch"
             )
         self._block_size = block_size_for(shuffle_buffer, batch_size)
-        self._fingerprint = _dataset_fingerprint(self._shards)
+        self._fingerprint = _dataset_fingerprint(self._shards, self._weights if self._mixture else None)
         self._epoch = 0
         self._consumed = 0
 
@@ -342,9 +424,13 @@ class ShardStream:
 
     def _plan(self, epoch: int, start_batch: int) -> _EpochPlan:
         per_rank = self._batches_per_epoch * self.batch_size
-        make_segments = resampled_rank_segments if self.resampled else exact_rank_segments
         counts = [i.count for i in self._shards]
-        segments = make_segments(counts, self.seed, epoch, self.rank, per_rank)
+        if self._mixture:
+            mix = resampled_mixture_segments if self.resampled else exact_mixture_segments
+            segments = mix(counts, self._source_of, self._weights, self.seed, epoch, self.rank, per_rank)
+        else:
+            make_segments = resampled_rank_segments if self.resampled else exact_rank_segments
+            segments = make_segments(counts, self.seed, epoch, self.rank, per_rank)
         return _EpochPlan(
             paths=tuple(i.path for i in self._shards),
             counts=tuple(i.count for i in self._shards),
@@ -358,6 +444,9 @@ class ShardStream:
             rank=self.rank,
             shuffle=self.shuffle_buffer > 1,
             start_batch=start_batch,
+            text_keys=tuple(self._text_keys),
+            shard_retries=self.shard_retries,
+            retry_delay=self.retry_delay,
         )
 
     def _loader(self, dataset: _EpochBatches) -> DataLoader:
@@ -372,6 +461,10 @@ class ShardStream:
             prefetch_factor=self.prefetch_factor,
             persistent_workers=False,
             multiprocessing_context=self._worker_context(),
+            # Its own generator: starting the workers draws their base seed from it, not from
+            # torch's global RNG, whose state (dropout) must not depend on when an epoch's
+            # loader starts -- a resumed run starts one mid-epoch.
+            generator=torch.Generator().manual_seed(derive_seed("loader", self.seed, self._epoch) % 2**63),
         )
 
     def _worker_context(self):

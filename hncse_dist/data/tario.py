@@ -12,12 +12,27 @@ import contextlib
 import gzip
 import hashlib
 import io
+import json
 import os
 import tarfile
 from collections.abc import Iterable, Iterator
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 TEXT_EXTENSIONS = ("txt", "text")
+
+
+def parse_text_key(text_key: str | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``text_key`` -> (member extensions to read, JSON path inside the member).
+
+    None: the ``.txt`` (or ``.text``) member. ``caption``: the ``.caption`` member.
+    ``json:meta.sentence``: the field ``meta.sentence`` of the ``.json`` member.
+    """
+    if not text_key:
+        return TEXT_EXTENSIONS, ()
+    ext, sep, path = text_key.partition(":")
+    if not ext or (sep and not path) or "/" in ext:
+        raise ValueError(f"text_key={text_key!r}: use a member extension (txt, caption) or EXT:FIELD.PATH (json:text)")
+    return (ext,), tuple(path.split(".")) if path else ()
 
 
 class ShardError(RuntimeError):
@@ -142,6 +157,12 @@ class _HashingReader:
     def tell(self) -> int:
         return self._pos
 
+    def peek(self, n: int) -> bytes:
+        """The next ``n`` bytes (fewer at the end), without moving."""
+        while len(self._buf) - self._off < n and self._fill():
+            pass
+        return self._buf[self._off : self._off + n]
+
     def seek(self, pos: int, whence: int = 0) -> int:
         if whence == 1:
             pos += self._pos
@@ -183,25 +204,35 @@ class ShardReader:
     samples read with the manifest (``read`` does, by raising when it runs out).
     """
 
-    def __init__(self, path: str, *, count: int | None = None, sha256: str | None = None) -> None:
+    def __init__(
+        self, path: str, *, count: int | None = None, sha256: str | None = None, text_key: str | None = None
+    ) -> None:
         self.path = path
+        self.text_key = text_key
+        self._exts, self._json_path = parse_text_key(text_key)
         self.position = 0
         self.count = count
         self.expected_sha256 = sha256
         self.finished = False
         self._ended = False  # tarfile reported the archive's end (asking again would seek back)
         self._peeked: tarfile.TarInfo | None = None
-        mode = "r:gz" if path.endswith((".tar.gz", ".tgz")) else "r:"
+        from .urls import open_url  # local paths, URLs, pipe: commands (webdataset's gopen)
+
         try:
-            raw = open(path, "rb")
+            raw = open_url(path)
         except FileNotFoundError:
             raise ShardError(f"shard not found: {path}") from None
         self._file = _HashingReader(raw, path)
         try:
+            # Compression from the first bytes, not the name: a URL or pipe: command need not end in .gz.
+            mode = "r:gz" if self._file.peek(2) == b"\x1f\x8b" else "r:"
             self._tar = tarfile.open(fileobj=self._file, mode=mode)  # type: ignore[call-overload]
         except (tarfile.TarError, OSError, EOFError) as exc:
             raw.close()
             raise ShardError(f"corrupt or empty shard {path}: {exc}") from None
+        except BaseException:
+            raw.close()
+            raise
         self._tar.members.clear()
 
     def close(self, verify: bool = False) -> None:
@@ -277,7 +308,7 @@ class ShardReader:
         member: tarfile.TarInfo | None = first
         while member is not None:
             ext = split_member_name(member.name)[1]
-            if want_text and ext in TEXT_EXTENSIONS and ext not in texts:
+            if want_text and ext in self._exts and ext not in texts:
                 texts[ext] = self._read_payload(key, member)
             member = self._next_member()
             if member is not None and split_member_name(member.name)[0] != key:
@@ -293,10 +324,24 @@ class ShardReader:
             raise ShardError(f"corrupt or truncated shard {self.path} at {key!r}: {exc}") from None
 
     def _payload_text(self, key: str, texts: dict[str, bytes]) -> str:
-        data = next((texts[e] for e in TEXT_EXTENSIONS if e in texts), None)
+        data = next((texts[e] for e in self._exts if e in texts), None)
         if data is None:
-            raise ShardError(f"shard {self.path}: sample {key!r} has no .txt member")
-        return data.decode("utf-8", errors="replace")
+            hint = "" if self.text_key else "; set text_key (e.g. json:text or caption) to read another member"
+            raise ShardError(f"shard {self.path}: sample {key!r} has no .{self._exts[0]} member{hint}")
+        if not self._json_path:
+            return data.decode("utf-8", errors="replace")
+        try:
+            value: Any = json.loads(data)
+            for part in self._json_path:
+                value = value[part]
+        except (ValueError, KeyError, TypeError, IndexError):
+            raise ShardError(
+                f"shard {self.path}: sample {key!r} has no field {'.'.join(self._json_path)!r} in its "
+                f".{self._exts[0]} member (text_key={self.text_key})"
+            ) from None
+        if not isinstance(value, str):
+            raise ShardError(f"shard {self.path}: sample {key!r}: text_key={self.text_key} is not a string")
+        return value
 
     def skip(self, n: int) -> None:
         for _ in range(n):
