@@ -146,8 +146,15 @@ def _quiet_deepspeed_probe() -> None:
             os.environ["DS_ACCELERATOR"] = "cpu"
 
 
+# oneDNN (CPU matmuls, bf16 above all) JIT-compiles and caches a kernel per shape; the
+# padding-free forward changes the token count every step, so the default cache of 1024
+# kernels grows a CPU run by hundreds of MB (bench/memory_long.py). A smaller cache bounds it.
+ONEDNN_CACHE_DEFAULT = "256"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_CACHE_DEFAULT)  # before torch loads oneDNN
     if argv and argv[0] in ("train", "eval", "export"):
         _quiet_deepspeed_probe()
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:

@@ -58,7 +58,7 @@ def test_cache_chunk_size_is_refused_with_exit_2(tmp_path, tiny_bert, corpus):
                    timeout=120)
     assert proc.returncode == 2
     err = [l for l in proc.stderr.splitlines() if l.strip()]
-    assert len(err) == 1 and "cache_chunk_size must be >= 0 (0: off), got -3" in err[0], proc.stderr
+    assert len(err) == 1 and "cache_chunk_size=-3 is out of range: use an integer >= 0 (0: off)" in err[0], proc.stderr
 
 
 @pytest.mark.dist
@@ -69,18 +69,11 @@ def test_two_process_cached_training_has_the_uncached_loss_curve(tmp_path, tiny_
     the 16 sequences per rank.
     The avg pooler: a random-init BERT's [CLS] vectors are nearly parallel, so HNM's top-k
     would be decided by fp32 rounding of the encoder (which differs with the chunk shapes)."""
-    no_dropout = tmp_path / "tiny_no_dropout"
-    no_dropout.mkdir()
-    for f in Path(tiny_bert).iterdir():
-        (no_dropout / f.name).write_bytes(f.read_bytes())
-    cfg = json.loads((no_dropout / "config.json").read_text())
-    cfg.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    (no_dropout / "config.json").write_text(json.dumps(cfg))
     curves = {}
     for name, extra in (("plain", []), ("cached", ["cache_chunk_size=5"])):
         out = tmp_path / name
-        args = common(str(no_dropout), corpus, out, save_every=0, eval_file="null", stats_every=1, pooler="avg",
-                      gradient_accumulation_steps=2)
+        args = common(tiny_bert, corpus, out, save_every=0, eval_file="null", stats_every=1, pooler="avg",
+                      gradient_accumulation_steps=2, dropout=0.0)
         proc = run_cli(["train", "--nproc-per-node", "2", *args, *extra], timeout=300)
         line = "GradCache: each rank's 16 sequences are encoded in chunks of 5"
         assert (line in proc.stdout + proc.stderr) == (name == "cached")
@@ -89,7 +82,7 @@ def test_two_process_cached_training_has_the_uncached_loss_curve(tmp_path, tiny_
     plain, cached = curves["plain"], curves["cached"]
     assert [l["step"] for l in cached] == [l["step"] for l in plain] == [1, 2, 3, 4]
     assert plain[-1]["bank/fill"] > 0  # the bank was read as HNM candidates
-    skip = ("sentences_per_s",)
+    skip = ("sentences_per_s", "tokens_per_s", "mfu", "memory_gb")  # timings and memory
     for p, c in zip(plain, cached):
         assert sorted(p) == sorted(c)
         for key in p:

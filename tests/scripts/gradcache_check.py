@@ -42,7 +42,7 @@ def build(path, dropout: bool, packed: bool, ckpt: bool) -> Encoder:
     separates the sentences. Dropout on: the cls pooler with its MLP head (the replay is
     op-for-op identical, so no rounding is amplified)."""
     torch.manual_seed(0)  # same MLP head everywhere
-    kw = {} if dropout else {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    kw = {} if dropout else {"dropout": 0.0}
     enc = Encoder.from_pretrained(path, pooler="cls" if dropout else "avg", packed=packed, **kw)
     if ckpt:
         enc.enable_checkpointing()
