@@ -81,6 +81,15 @@ def workers_of(launcher_pid, nproc=2, timeout=60):
     raise AssertionError(f"expected {nproc} workers under {launcher_pid}, found {children(launcher_pid)}")
 
 
+def training_launcher(tmp_path, tiny_bert, corpus):
+    """A 2-rank `hncse-dist train --nproc-per-node 2` that has logged its first steps."""
+    out = tmp_path / "run"
+    proc = start(long_run(tiny_bert, corpus, out))
+    workers = workers_of(proc.pid)
+    wait_training(out, proc)
+    return out, proc, workers
+
+
 def complete_steps(out):
     return sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*") if (p / "COMPLETE").is_file())
 
@@ -89,10 +98,7 @@ def complete_steps(out):
 @pytest.mark.slow
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 75), (signal.SIGUSR1, 75), (signal.SIGINT, 130)])
 def test_signal_to_launcher_reaches_every_worker(tmp_path, tiny_bert, corpus, sig, code):
-    out = tmp_path / "run"
-    proc = start(long_run(tiny_bert, corpus, out))
-    workers = workers_of(proc.pid)
-    wait_training(out, proc)
+    out, proc, workers = training_launcher(tmp_path, tiny_bert, corpus)
     proc.send_signal(sig)  # the launcher only: it must forward
     log = proc.communicate(timeout=120)[0]
     assert proc.returncode == code, log[-4000:]
@@ -106,10 +112,7 @@ def test_signal_to_launcher_reaches_every_worker(tmp_path, tiny_bert, corpus, si
 @pytest.mark.slow
 def test_group_sigint_like_ctrl_c_checkpoints_and_exits_130(tmp_path, tiny_bert, corpus):
     """Ctrl-C in a terminal signals the whole foreground process group."""
-    out = tmp_path / "run"
-    proc = start(long_run(tiny_bert, corpus, out))
-    workers = workers_of(proc.pid)
-    wait_training(out, proc)
+    out, proc, workers = training_launcher(tmp_path, tiny_bert, corpus)
     os.killpg(proc.pid, signal.SIGINT)
     log = proc.communicate(timeout=120)[0]
     assert proc.returncode == 130, log[-4000:]
@@ -121,10 +124,7 @@ def test_group_sigint_like_ctrl_c_checkpoints_and_exits_130(tmp_path, tiny_bert,
 @pytest.mark.dist
 @pytest.mark.slow
 def test_sigkill_of_the_launcher_takes_the_workers_down(tmp_path, tiny_bert, corpus):
-    out = tmp_path / "run"
-    proc = start(long_run(tiny_bert, corpus, out))
-    workers = workers_of(proc.pid)
-    wait_training(out, proc)
+    out, proc, workers = training_launcher(tmp_path, tiny_bert, corpus)
     proc.kill()
     proc.wait(timeout=10)
     took = wait_gone(workers, 60)
@@ -139,10 +139,7 @@ def test_sigkill_of_the_launcher_takes_the_workers_down(tmp_path, tiny_bert, cor
 @pytest.mark.dist
 @pytest.mark.slow
 def test_a_dead_rank_ends_the_job_with_its_code(tmp_path, tiny_bert, corpus):
-    out = tmp_path / "run"
-    proc = start(long_run(tiny_bert, corpus, out))
-    workers = workers_of(proc.pid)
-    wait_training(out, proc)
+    out, proc, workers = training_launcher(tmp_path, tiny_bert, corpus)
     t0 = time.monotonic()
     os.kill(workers[1], signal.SIGKILL)
     log = proc.communicate(timeout=60)[0]
