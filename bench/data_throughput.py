@@ -69,7 +69,9 @@ def minilm_dir() -> str:
 
 
 def default_corpus() -> Path:
-    data_dir = Path(os.environ.get("HNCSE_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
+    from tests.datadir import data_root
+
+    data_dir = data_root()
     return data_dir / "corpus" / "wiki_en_sentences.txt"
 
 

@@ -73,7 +73,6 @@ import os
 import platform
 import re
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
@@ -85,6 +84,8 @@ from typing import Any, Iterable
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+
+from hncse_dist.launcher import free_port  # noqa: E402
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 STS_DEV = REPO_ROOT / "hncse_dist" / "resources" / "sts-dev.csv"
@@ -403,12 +404,6 @@ def worker(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------- launcher and report
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(variant: str, precision: str, args: argparse.Namespace) -> dict[str, Any]:

@@ -258,7 +258,9 @@ def test_skip_corrupt_keeps_equal_counts(tmp_path, tokenizer):
 
 
 def real_corpus_path() -> Path:
-    data_dir = Path(os.environ.get("HNCSE_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
+    from tests.datadir import data_root
+
+    data_dir = data_root()
     path = data_dir / "corpus" / "wiki_en_sentences.txt"
     if not path.is_file():
         reason = f"real corpus not found at {path} (set HNCSE_DATA_DIR)"
