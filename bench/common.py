@@ -17,12 +17,21 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # the scripts run as files: python bench/NAME.py
 
 from hncse_dist.launcher import free_port  # noqa: E402,F401  (one home for free ports)
-from tests.datadir import data_root  # noqa: E402  (the one data-dir setting: HNCSE_DATA_DIR)
 from tests.fixtures import MINILM  # noqa: E402,F401  (the packaged all-MiniLM-L6-v2)
 
 RESULTS = REPO_ROOT / "bench" / "results"
-CORPUS = data_root() / "corpus" / "wiki_en_sentences.txt"
 WIKI_SAMPLE = REPO_ROOT / "hncse_dist" / "resources" / "wiki_sample.txt"  # packaged 30k sentences
+
+
+def data_root() -> Path:
+    """The one data-dir setting (tests/datadir.py, which needs pytest): $HNCSE_DATA_DIR, else ../shared/data."""
+    from tests import datadir
+
+    return datadir.data_root()
+
+
+def corpus() -> Path:
+    return data_root() / "corpus" / "wiki_en_sentences.txt"
 
 
 def parser(doc: str | None, output: str | None = None) -> argparse.ArgumentParser:

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 import transformers
 
-from common import (CORPUS, MINILM, RESULTS, bench_trainer, cpu_only, descendants, free_port, machine, need_file, parser,
-                    rss_mb, train_step, write)
+from common import (MINILM, RESULTS, bench_trainer, corpus, cpu_only, descendants, free_port, machine, need_file,
+                    parser, rss_mb, train_step, write)
 
 from hncse_dist.data import ShardStream, load_manifest, write_shards
 from hncse_dist.data.tario import ShardReader
@@ -218,7 +218,7 @@ def pipeline(args, tokenizer, work: Path) -> dict:
 
 def main() -> int:
     p = parser(__doc__)
-    p.add_argument("--corpus", type=Path, default=CORPUS)
+    p.add_argument("--corpus", type=Path, default=corpus())
     p.add_argument("--lines", type=int, default=100_000, help="corpus head to shard")
     p.add_argument("--epochs", type=int, default=1, help="stream epochs timed")
     p.add_argument("--steps", type=int, default=5, help="timed training steps after 1 warm-up")

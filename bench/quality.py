@@ -15,7 +15,7 @@ import statistics
 import time
 from pathlib import Path
 
-from common import CORPUS, REPO_ROOT, cli, data_root, md_table, need_file, parser
+from common import REPO_ROOT, cli, corpus, data_root, md_table, need_file, parser
 
 from hncse_dist.data.shards import write_shards
 
@@ -31,7 +31,7 @@ SWEEP = {  # factor -> candidate overrides (the first is the default)
 def prepare_shards(work: Path, lines: int) -> Path:
     shards = work / "shards"
     if not (shards / "manifest.json").is_file():
-        with open(CORPUS) as src, open(work / "wiki_subset.txt", "w") as dst:
+        with open(corpus()) as src, open(work / "wiki_subset.txt", "w") as dst:
             dst.writelines(line for _, line in zip(range(lines), src))
         write_shards([str(work / "wiki_subset.txt")], str(shards), samples_per_shard=5000, progress=False)
     return shards
@@ -96,9 +96,10 @@ def main() -> None:
     ap.add_argument("--work", default=str(REPO_ROOT / "runs" / "quality"))
     ap.add_argument("--results", default=str(REPO_ROOT / "bench" / "results" / "quality.json"))
     args = ap.parse_args()
-    need_file(CORPUS, "set HNCSE_DATA_DIR to the folder holding corpus/ and sts/")
+    need_file(corpus(), "set HNCSE_DATA_DIR to the folder holding corpus/ and sts/")
     work, path = Path(args.work), Path(args.results)
     work.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     results = json.loads(path.read_text()) if path.is_file() else {}
     results["setup"] = {k: v for k, v in vars(args).items() if k not in ("work", "results")}
     runs, sweep = results.setdefault("runs", {}), results.setdefault("sweep", {})

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from common import (CORPUS, MINILM, bench_trainer, cpu_only, loader_batch, machine, md_table, median, need_file,
+from common import (MINILM, bench_trainer, corpus, cpu_only, loader_batch, machine, md_table, median, need_file,
                     paired, parser, random_bert, rounds, shards_of, sync, train_step, write)
 
 from hncse_dist.metrics import measure_cpu_peak, peak_flops
@@ -245,7 +245,7 @@ def main() -> int:
     p.add_argument("--models", default="minilm,tiny", help="comma list of minilm, tiny")
     p.add_argument("--objectives", default=",".join(OBJECTIVES), help="comma list; simcse (the baseline) is required")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--corpus", type=Path, default=CORPUS)
+    p.add_argument("--corpus", type=Path, default=corpus())
     p.add_argument("--micro-reps", type=int, default=30, help="repetitions of the objective / AdamW alone")
     p.add_argument("--profile", action="store_true", help="torch.profiler of --profile-variants after timing")
     p.add_argument("--profile-variants", default="hncse-simcse,hncse-hncse,st-mnrl")
