@@ -74,7 +74,8 @@ def scenario(m: dict, world: int, n: int, emb_bytes: int, mode: str) -> dict:
         for lat in ("ring", "log"):
             log = lat == "log"
             # the two 4-byte all-reduces (non-finite skip, preemption) run as trees: log latency
-            comm = sum(gather_s(b, world, bw, log) for b in gathered.values()) + 2 * allreduce_s(FLAG_BYTES, world, bw, True)
+            comm = (sum(gather_s(b, world, bw, log) for b in gathered.values())
+                    + 2 * allreduce_s(FLAG_BYTES, world, bw, True))
             bandwidth = sum((world - 1) / world * b / (bw * 1e9) for b in gathered.values())
             row["links"][link][lat] = {
                 "contrastive_comm_s": comm, "contrastive_comm_frac_of_compute": comm / compute,
@@ -83,7 +84,8 @@ def scenario(m: dict, world: int, n: int, emb_bytes: int, mode: str) -> dict:
                 "separate_bank_push_s": sum(gather_s(b, world, bw, log) for b in separate_push)}
     rows, cand = BANK_BATCHES * g, BANK_BATCHES * g + g  # candidates: the bank and the current global batch
     sim_flops, sim_bytes, row_bytes = 2.0 * n * cand * h, n * cand * 4, h * emb_bytes
-    matmul = kernel_s(cand * row_bytes + sim_bytes, sim_flops, FP32_MATMUL_TFLOPS if emb_bytes == 4 else BF16_MATMUL_TFLOPS)
+    rate = FP32_MATMUL_TFLOPS if emb_bytes == 4 else BF16_MATMUL_TFLOPS
+    matmul = kernel_s(cand * row_bytes + sim_bytes, sim_flops, rate)
     topk = kernel_s(2 * sim_bytes + n * cand)  # masked_fill read/write + bool mask
     as_is = kernel_s(2 * cand * row_bytes) + kernel_s(3 * cand * row_bytes) + matmul + topk  # cat, normalize
     memory = (rows * row_bytes + rows * KEY_BYTES) / 1e9

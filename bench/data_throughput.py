@@ -178,8 +178,8 @@ def sources(args, tokenizer, work: Path) -> dict:
         rates = {}
         for kind, source in kinds.items():
             s = time_stream(ShardStream(source, tokenizer, BATCH, MAX_LENGTH), args.epochs)
-            rates[kind] = {"source": source.replace(str(work), "WORK"), "stream_samples_per_s": round(s["samples_per_s"], 1),
-                           "first_batch_s": round(s["first_batch_s"], 2)}
+            rates[kind] = {"source": source.replace(str(work), "WORK"), "first_batch_s": round(s["first_batch_s"], 2),
+                           "stream_samples_per_s": round(s["samples_per_s"], 1)}
     train = time_training(shard_dir, work, args.steps)
     for r in rates.values():
         r["ratio_over_train"] = round(r["stream_samples_per_s"] / train["sentences_per_s"], 1)
@@ -192,11 +192,13 @@ def sources(args, tokenizer, work: Path) -> dict:
 def pipeline(args, tokenizer, work: Path) -> dict:
     shard_dir, gz_dir = build_shards(args.corpus, args.lines, work), build_shards(args.corpus, args.lines, work, True)
     stream = ShardStream(shard_dir, tokenizer, BATCH, MAX_LENGTH)  # defaults: 2 workers
-    plain, gz = time_stream(stream, args.epochs), time_stream(ShardStream(gz_dir, tokenizer, BATCH, MAX_LENGTH), args.epochs)
+    plain = time_stream(stream, args.epochs)
+    gz = time_stream(ShardStream(gz_dir, tokenizer, BATCH, MAX_LENGTH), args.epochs)
     read, verified = best_rate(lambda: tar_read_rate(shard_dir)), best_rate(lambda: tar_read_rate(shard_dir, True))
     sha = best_rate(lambda: sha256_mb_per_s(shard_dir))
     sizes = {"corpus_head_bytes": os.path.getsize(work / f"head{args.lines}.txt"),
-             "tar_bytes": sum(e["bytes"] for e in entries(shard_dir)), "tar_gz_bytes": sum(e["bytes"] for e in entries(gz_dir))}
+             "tar_bytes": sum(e["bytes"] for e in entries(shard_dir)),
+             "tar_gz_bytes": sum(e["bytes"] for e in entries(gz_dir))}
     gzip = {"stream_samples_per_s": round(gz["samples_per_s"], 1),
             "read_only_samples_per_s": round(best_rate(lambda: tar_read_rate(gz_dir)), 1),
             "read_verified_samples_per_s": round(best_rate(lambda: tar_read_rate(gz_dir, True)), 1), **sizes}

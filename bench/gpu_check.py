@@ -166,7 +166,8 @@ def main() -> int:
             try:
                 result = check()
             except Exception as err:  # a failed check is reported, the others still run
-                result = {"ok": False, "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-3000:]}
+                result = {"ok": False, "error": f"{type(err).__name__}: {err}",
+                          "traceback": traceback.format_exc()[-3000:]}
             result["seconds"] = round(time.perf_counter() - start, 1)
             report["checks"][name] = result
             print(f"gpu_check: {name}: {'ok' if result['ok'] else 'FAILED'} ({result['seconds']} s)", flush=True)

@@ -107,8 +107,8 @@ def main() -> None:
     table = md_table([f"sentences / step (sequences)", f"uncached {unit} (growth)",
                       f"cached, chunk {args.chunk}: {unit} (growth)", "uncached step s", "cached step s",
                       "time cached / uncached (median / best)"],
-                     [[f"{r['batch']} ({2 * r['batch']})", f"{r['uncached']['peak_mb']:.0f} ({r['uncached']['growth_mb']:.0f})",
-                       f"{r['cached']['peak_mb']:.0f} ({r['cached']['growth_mb']:.0f})",
+                     [[f"{r['batch']} ({2 * r['batch']})",
+                       *(f"{r[k]['peak_mb']:.0f} ({r[k]['growth_mb']:.0f})" for k in ("uncached", "cached")),
                        f"{r['time']['uncached_median_s']:.3f}", f"{r['time']['cached_median_s']:.3f}",
                        f"{r['time']['ratio_median']:.2f}x / {r['time']['ratio_of_best']:.2f}x"] for r in rows])
     result = {"command": "python bench/gradcache.py " + " ".join(sys.argv[1:]), "machine": machine(),

@@ -76,7 +76,8 @@ def markdown(results: dict) -> str:
                      "-" if label == "none" else len(rs), *cells])
     if "none" in groups:
         u = groups["none"][0]["sts_avg_pooler"]
-        rows.append(["all-MiniLM-L6-v2 untrained (mean pooling, its native)", "-", *(f"{u[k]:.2f}" for k in [*TASKS, "avg"])])
+        rows.append(["all-MiniLM-L6-v2 untrained (mean pooling, its native)", "-",
+                     *(f"{u[k]:.2f}" for k in [*TASKS, "avg"])])
     sweep = [[v["factor"], v["overrides"], f"{v['best_stsb_dev']:.2f}"] for v in results.get("sweep", {}).values()]
     return (md_table(["model", "seeds", *TASKS, "Avg"], rows) + "\nSweep (HNCSE, seed 0, best STS-B dev x100):\n\n"
             + md_table(["factor", "overrides", "STS-B dev"], sweep) + f"\nTuned HNCSE: {results.get('tuned_hncse')}\n")

@@ -51,7 +51,8 @@ def st_step(path: str, sentences: list[str], ids: torch.Tensor, device: torch.de
     if not torch.equal(feats["input_ids"], ids):
         raise RuntimeError("sentence-transformers and hncse-dist tokenized the batch differently")
     feats = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in feats.items()}
-    loss_fn, opt = MultipleNegativesRankingLoss(model, scale=ST_SCALE), torch.optim.AdamW(model.parameters(), LR, fused=True)
+    loss_fn = MultipleNegativesRankingLoss(model, scale=ST_SCALE)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, fused=True)
 
     def step() -> float:
         with autocast(device, precision):  # fresh dicts: the modules write their outputs into them
@@ -134,8 +135,11 @@ def run_precision(prec: str, args, paths: dict, shards: str, sentences: list[str
     fixed = peak_flops(device, "bf16" if prec == "bf16" else "no") if device.type == "cuda" else None  # datasheet
     peaks = result["peaks_flops_per_round"].setdefault(prec, [])
     print(f"{prec}: {len(steps)} variants, {args.warmup} + {args.steps} rounds", flush=True)
-    times, losses = rounds(steps, args.warmup, args.steps,
-                           after_round=lambda timed: peaks.append(fixed or measure_cpu_peak(dtype, 2048)) if timed else 0)
+    def measure_peak(timed: bool) -> None:
+        if timed:
+            peaks.append(fixed or measure_cpu_peak(dtype, 2048))
+
+    times, losses = rounds(steps, args.warmup, args.steps, after_round=measure_peak)
     for name, step_s in times.items():
         m, variant = name.split("/")[0], name.split("/")[2]
         kind = "st" if variant == "st-mnrl" else "ablation" if variant.endswith("-padded") else "hncse"
@@ -169,7 +173,8 @@ def summarize(result: dict) -> dict:
                                      "min": 100 * (low[o] - low["simcse"]) / r["min_step_s"]} for o in med}
                 for r in rows if r["model"] == m and r["variant"].endswith("/hncse-simcse") and "simcse" in med}
         out_micro[m] = {"objective_median_s": med, "objective_min_s": low, "objective_overhead_pct_of_step": over,
-                        "adamw_step_s": {k: {"median": median(t), "min": min(t)} for k, t in mic["adamw_step_s"].items()}}
+                        "adamw_step_s": {k: {"median": median(t), "min": min(t)}
+                                         for k, t in mic["adamw_step_s"].items()}}
     return {"rows": rows, "micro": out_micro,
             "peak_gflops": {p: {"median": median(s) / 1e9, "max": max(s) / 1e9} for p, s in peaks.items()}}
 
@@ -213,7 +218,8 @@ def markdown(result: dict) -> str:
         md_table(["model", "precision", "variant", "step s median / min", "sentences/s median / best",
                   "time vs hncse-simcse median / best", "speed-up vs st-mnrl median / best", "GFLOP/step",
                   "MFU median / best"],
-                 [[r["model"], r["precision"], r["variant"].split("/")[-1], pair(r["median_step_s"], r["min_step_s"], ".3f"),
+                 [[r["model"], r["precision"], r["variant"].split("/")[-1],
+                   pair(r["median_step_s"], r["min_step_s"], ".3f"),
                    pair(r["sentences_per_s"], BATCH / r["min_step_s"], ".1f"),
                    pair(r["slowdown_vs_hncse_simcse"], r["slowdown_vs_hncse_simcse_min"], ".3f"),
                    pair(r["speedup_vs_st"], r["speedup_vs_st_min"], ".2f"), f"{r['model_gflop_per_step']:.1f}",
@@ -221,12 +227,14 @@ def markdown(result: dict) -> str:
         md_table(["model", "alone", "ms median / min", "overhead vs simcse, % of step fp32", "bf16"],
                  [[m, o, pair(1e3 * t, 1e3 * mic["objective_min_s"][o], ".2f"),
                    *(pair(pct[m][p][o]["median"], pct[m][p][o]["min"], "+.2f") if p in pct[m] else "-"
-                     for p in ("fp32", "bf16"))] for m, mic in s["micro"].items() for o, t in mic["objective_median_s"].items()]
+                     for p in ("fp32", "bf16"))]
+                  for m, mic in s["micro"].items() for o, t in mic["objective_median_s"].items()]
                  + [[m, f"AdamW {k}", pair(1e3 * a["median"], 1e3 * a["min"], ".1f"), "-", "-"]
                     for m, mic in s["micro"].items() for k, a in mic["adamw_step_s"].items()]),
         md_table(["target", "model", "precision", "value", "best/best", "met"],
                  [[c["target"], c["model"], c["precision"],
-                   *((f"{100 * c[k]:.0f}%" if "MFU" in c["target"] else f"{c[k]:.3f}x") for k in ("value", "value_min")),
+                   *((f"{100 * c[k]:.0f}%" if "MFU" in c["target"] else f"{c[k]:.3f}x")
+                     for k in ("value", "value_min")),
                    c["met"]] for c in result["targets"]])])
 
 
@@ -256,7 +264,8 @@ def main() -> int:
         report(json.loads(args.output.read_text(encoding="utf-8")), args.output)
         return 0
     args.models, args.objectives = args.models.split(","), args.objectives.split(",")
-    unknown = [m for m in args.models if m not in ("minilm", "tiny")] + [o for o in args.objectives if o not in OBJECTIVES]
+    unknown = [m for m in args.models if m not in ("minilm", "tiny")]
+    unknown += [o for o in args.objectives if o not in OBJECTIVES]
     if unknown or "simcse" not in args.objectives:
         print(f"error: unknown model/objective {unknown} or no simcse in --objectives", file=sys.stderr)
         return 2
