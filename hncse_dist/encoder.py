@@ -103,8 +103,16 @@ def build_head(hidden: int, backbone: nn.Module) -> nn.Module:
     from transformers.integrations import deepspeed_config
 
     dtype = next(backbone.parameters()).dtype
-    with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(), dtype=dtype):
-        return nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh())
+    # No explicit dtype: zero.Init then takes it from the DeepSpeed config, as transformers'
+    # loader did for the backbone. (An explicit dtype is overridden on accelerators without
+    # fp16 support, DeepSpeed's CPU accelerator among them: the head came out bf16 in fp32 runs.)
+    with deepspeed.zero.Init(config_dict_or_path=deepspeed_config()):
+        head = nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh())
+    got = next(head.parameters()).dtype
+    if got != dtype:
+        raise ModelSetupError(f"ZeRO-3 built the MLP head in {got} but the backbone in {dtype}: DeepSpeed needs one "
+                              "dtype; use pooler=cls_before_pooler or avg, or report this DeepSpeed version")
+    return head
 
 
 class Encoder(nn.Module):
