@@ -330,3 +330,8 @@ class Checkpointer:
             raise CheckpointRefused(problem)
         self.acc.load_state(str(path))
         return _load_rank_state(self._rank_file(path))
+
+
+def marker_record(folder: Path) -> dict:
+    """What ``COMPLETE`` records of a complete checkpoint: step, world_size, run_id, time."""
+    return json.loads((Path(folder) / MARKER).read_text(encoding="utf-8"))
