@@ -300,8 +300,10 @@ class Encoder(nn.Module):
             # keep the names every loader understands.
             save_kwargs["save_original_format"] = False
         self.backbone.save_pretrained(out, **save_kwargs)
-        if needs_hidden_states(self.pooler):  # the loaders of the folder hand on every hidden layer
-            patch_json(out / "config.json", output_hidden_states=True)
+        # SentenceTransformer's Transformer hands on the hidden layers where the pooler reads them
+        hidden_states = needs_hidden_states(self.pooler)
+        if hidden_states or getattr(self.backbone.config, "output_hidden_states", False):
+            patch_json(out / "config.json", output_hidden_states=hidden_states)
         self.tokenizer.save_pretrained(out)
         max_seq_length = max_seq_length or model_max_length(self.backbone, self.tokenizer)
         # transformers 5 does not write a padding side set after loading (families.prepare_tokenizer)

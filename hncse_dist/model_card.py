@@ -62,7 +62,10 @@ def hub_id(name: str) -> str | None:
 def _yaml_value(value) -> str:
     import yaml
 
-    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 30).strip()
+    try:
+        text = yaml.safe_dump(value, default_flow_style=True, width=1 << 30).strip()
+    except yaml.YAMLError:  # e.g. a Path: its text
+        return str(value)
     return text.removesuffix("...").strip()
 
 

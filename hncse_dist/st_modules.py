@@ -179,6 +179,25 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
+@contextlib.contextmanager
+def _whole_models():
+    """While a ZeRO-3 run's DeepSpeed config is registered, transformers builds every model it
+    loads inside zero.Init: partitioned across the ranks, a collective. The model loaded here
+    lives on the main process alone (the other ranks wait for the export): load it whole."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
+    if ref is None or not hf_deepspeed.is_deepspeed_zero3_enabled():
+        yield
+        return
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if ref() is not None:
+            hf_deepspeed.set_hf_deepspeed_config(ref())
+
+
 def _load_kwargs(st_class) -> dict:
     """Load on the CPU, in the dtype of the saved weights, from the local folder only."""
     import transformers
@@ -196,7 +215,7 @@ def save_with_library(out: Path, layout: list[StModule]) -> None:
     keep the library's sentence-transformers files, not its copy of the backbone."""
     from sentence_transformers import SentenceTransformer
 
-    with _quiet_transformers():
+    with _quiet_transformers(), _whole_models():
         model = SentenceTransformer(str(out), **_load_kwargs(SentenceTransformer))
         with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-st-") as tmp:
             model.save(tmp, create_model_card=False)

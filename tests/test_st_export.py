@@ -184,6 +184,13 @@ def test_re_export_of_an_exported_folder_keeps_its_max_seq_length(models, tmp_pa
     model = st_model(tmp_path / "b")
     assert model.max_seq_length == 20
     assert cosines(st_encode(model), enc.encode(SENTENCES)).min() > 0.9999
+    # another pooler: the hidden layers are no longer handed on
+    export_any(str(tmp_path / "a"), str(tmp_path / "c"), pooler="avg")
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["output_hidden_states"] is False
+    model = st_model(tmp_path / "c")
+    assert [type(m).__name__ for m in model] == ["Transformer", "Pooling"]
+    avg = Encoder.from_pretrained(str(tmp_path / "c"), pooler=None)
+    assert avg.pooler == "avg" and cosines(st_encode(model), avg.encode(SENTENCES)).min() > 0.9999
 
 
 def _fake_run(tmp_path, tiny_bert):
@@ -273,3 +280,28 @@ def test_an_unknown_card_key_is_refused(tmp_path, tiny_bert):
     enc = Encoder.from_pretrained(tiny_bert, pooler="avg")
     with pytest.raises(ValueError, match=r"unknown model card keys \['stsb'\]"):
         enc.save_pretrained(tmp_path / "out", card={"stsb": 80.0})
+
+
+def test_a_zero3_run_loads_the_library_copy_whole(tmp_path, tiny_bert, monkeypatch):
+    """Under ZeRO-3 transformers builds models in zero.Init, a collective: the export's
+    round trip through sentence-transformers, on the main process alone, would wait forever."""
+    import deepspeed
+    import sentence_transformers
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    def collective(*args, **kwargs):
+        raise AssertionError("zero.Init on one rank")
+
+    enc = Encoder.from_pretrained(tiny_bert, pooler="avg")
+    monkeypatch.setattr(deepspeed.zero.Init, "__init__", collective)
+    registered = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+    try:
+        assert hf_deepspeed.is_deepspeed_zero3_enabled()
+        enc.save_pretrained(tmp_path / "out")
+        assert hf_deepspeed.is_deepspeed_zero3_enabled()  # registered again afterwards
+    finally:
+        hf_deepspeed.unset_hf_deepspeed_config()
+        del registered
+    version = json.loads((tmp_path / "out" / "config_sentence_transformers.json").read_text())["__version__"]
+    assert version["sentence_transformers"] == sentence_transformers.__version__  # not the fallback
