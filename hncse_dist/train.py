@@ -485,7 +485,8 @@ class Trainer:
             if self.window.log_due(step):
                 self._log_window(result)
             if self.window.eval_due(step):
-                maybe_eval(cfg, acc, self.model, self.state, self.log, self.out_dir, step, save=self.ckpt.save)
+                maybe_eval(cfg, acc, self.model, self.state, self.log, self.out_dir, step, save=self.ckpt.save,
+                           card=self.card())
             if result.preempted:
                 exit_code = self._checkpoint_and_exit(step)
                 break
@@ -494,7 +495,7 @@ class Trainer:
             self.window.restart_clock()  # evaluation and checkpoints are not training time
         groups.close()
         if exit_code == 0:
-            export(acc, self.model, self.out_dir / "final", cfg.export_dtype)
+            export(acc, self.model, self.out_dir / "final", cfg.export_dtype, card=self.card())
             summary = write_summary(cfg, self.out_dir, self.state, self.steps, self.world_size)
             if summary is not None:
                 self.log.hparams(asdict(cfg), {k: summary[k] for k in ("final_loss", "best_stsb_dev", "sentences_per_s", "mfu")})
@@ -502,11 +503,14 @@ class Trainer:
         return exit_code
 
     def card(self) -> dict:
-        """What the exported model card states: the run's config, its best STS-B dev score,
-        the step and the command."""
+        """What the exported model card states: the run's config, world size, step, best STS-B
+        dev score and the command (hncse_dist.model_card)."""
+        from .model_card import command_line
+
         best = self.state.best_dev
-        return {"config": json.loads(json.dumps(asdict(self.cfg), default=str)), "step": self.state.step,
-                "best_stsb_dev": best if math.isfinite(best) else None, "command": " ".join(sys.argv)}
+        return {"config": json.loads(json.dumps(asdict(self.cfg), default=str)), "world_size": self.world_size,
+                "step": self.state.step, "best_stsb_dev": best if math.isfinite(best) else None,
+                "command": command_line()}
 
     def close(self) -> None:
         if self.bar is not None:
@@ -552,8 +556,9 @@ class NonFiniteSkips:
         return None
 
 
-def maybe_eval(cfg, acc, model, state, log, out_dir: Path, step: int, save=None) -> None:
-    """STS-B dev on the main process; exports the best model (SimCSE's selection).
+def maybe_eval(cfg, acc, model, state, log, out_dir: Path, step: int, save=None, card: dict | None = None) -> None:
+    """STS-B dev on the main process; exports the best model (SimCSE's selection) with
+    ``card`` (the run's model-card facts) and this step's score.
 
     An evaluation that fails never loses the run: every rank learns of it, ``save(step)``
     writes a checkpoint, then EvalFailed is raised on every rank."""
@@ -589,7 +594,8 @@ def maybe_eval(cfg, acc, model, state, log, out_dir: Path, step: int, save=None)
     if score > state.best_dev:
         state.best_dev = score
         if cfg.save_best:
-            export(acc, model, out_dir / "best", cfg.export_dtype)
+            best_card = {**card, "step": step, "stsb_dev": score, "best_stsb_dev": score} if card else None
+            export(acc, model, out_dir / "best", cfg.export_dtype, card=best_card)
 
 
 def parameter_digest(model) -> str | None:
@@ -604,12 +610,13 @@ def parameter_digest(model) -> str | None:
     return h.hexdigest()
 
 
-def export(acc, model, out_dir: Path, dtype: str = "fp32") -> None:
+def export(acc, model, out_dir: Path, dtype: str = "fp32", card: dict | None = None) -> None:
     """Write an AutoModel + SentenceTransformer folder in ``dtype`` from the fp32 (master)
-    weights, consolidating ZeRO partitions (a collective: every rank calls it)."""
+    weights, consolidating ZeRO partitions (a collective: every rank calls it), with a model
+    card from ``card``."""
     from .export import export_from_training
 
-    export_from_training(acc, model, out_dir, dtype)
+    export_from_training(acc, model, out_dir, dtype, card=card)
 
 
 def write_summary(cfg: TrainConfig, out_dir: Path, state: TrainState, steps: int, world_size: int) -> dict | None:
