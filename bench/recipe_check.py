@@ -1,7 +1,7 @@
 """Paper-scale recipe check: configs/bert-base-unsup.yaml end to end on CPU at the size of
 SimCSE's 1M-sentence Wikipedia file, with a tiny stand-in model, plus GPU time estimates.
 
-Run from the repository root (about 15-25 minutes on a 2-core CPU, ~3 GB of disk in --work):
+Run from the repository root (about 10-20 minutes on a 2-core CPU, ~2.5 GB of disk in --work):
 
     .venv/bin/python bench/recipe_check.py
 
