@@ -87,3 +87,31 @@ def test_data_throughput_smoke(tmp_path: Path):
     assert 0 < result["stream"]["samples"] <= 2000 and result["stream"]["samples"] % 64 == 0
     assert result["train"]["steps"] == 1 and math.isfinite(result["train"]["last_loss"])
     assert result["gzip_shards"]["tar_gz_bytes"] < result["gzip_shards"]["tar_bytes"]
+
+
+def test_recipe_check_estimate_small(tmp_path: Path):
+    """The recipe check's cadence and FLOPs arithmetic on a 2,000-line stand-in corpus."""
+    require_data_dir()
+    out = tmp_path / "recipe.json"
+    run(["bench/recipe_check.py", "--stages", "estimate", "--lines", "2000", "--token-batches", "8",
+         "--work", str(tmp_path / "work"), "--output", str(out)])
+    est = json.loads(out.read_text())["estimate"]
+    recipe = est["recipe"]
+    assert est["samples"] == 2000 and est["steps_per_epoch"] == 2000 // recipe["batch_size"] == 31
+    assert est["evaluations"] == 1 and est["checkpoints"] == 1  # 31 steps: only the final ones
+    bert = est["bert_base"]
+    assert (bert["layers"], bert["hidden"]) == (12, 768)
+    # bert-base-uncased without its pooler (108,891,648) plus the cls MLP head (768 x 768 + 768);
+    # FLOPs count all but the three embedding tables (30522, 512 and 2 rows of 768)
+    assert bert["parameters"] == 108_891_648 + 768 * 768 + 768
+    assert bert["dense_parameters"] == bert["parameters"] - (30522 + 512 + 2) * 768
+    tokens = est["tokens"]
+    per_view = tokens["real_tokens_per_view_mean"]
+    assert 5 * recipe["batch_size"] < per_view <= recipe["max_seq_length"] * recipe["batch_size"]
+    # FlopsModel.step is linear in the real tokens: the mean over batches is the step at the mean
+    expected = (6.0 * bert["dense_parameters"] * 2 * per_view
+                + 12.0 * bert["layers"] * bert["hidden"] * tokens["padded_length_mean"] ** 2 * 2 * recipe["batch_size"])
+    assert math.isclose(est["flops_per_step"], expected, rel_tol=0.02)
+    a100 = next(g for g in est["gpus"] if g["gpu"] == "A100")
+    assert math.isclose(a100["train_min@30%"], est["flops_epoch"] / (312e12 * 0.3) / 60, rel_tol=1e-9)
+    assert (tmp_path / "recipe.md").is_file()
