@@ -24,6 +24,7 @@ from torch import nn
 
 from .families import (ModelSetupError, check_pooler, is_causal, model_name, prepare_tokenizer,  # noqa: F401
                        require_dropout, set_dropout)
+from .lora import LoraSettings, adapter_base, apply_lora, lora_note, merge_adapter_folder
 from .packed import Packing, packed_forward, right_padded, supports_packing
 
 POOLERS = ("cls", "cls_before_pooler", "avg", "avg_first_last", "last")
@@ -123,6 +124,7 @@ class Encoder(nn.Module):
         self.tokenizer = tokenizer
         self.pooler = pooler
         self.mlp_only_train = mlp_only_train
+        self.lora: LoraSettings | None = None  # set by from_pretrained(lora=...): adapters in the backbone
         self.causal = is_causal(backbone)
         if self.causal and getattr(backbone.config, "use_cache", False):
             backbone.config.use_cache = False  # no key/value cache: one forward per batch, no generation
@@ -139,20 +141,25 @@ class Encoder(nn.Module):
     def from_pretrained(
         cls, name_or_path: str, pooler: str | None = "cls", mlp_only_train: bool = True, packed: bool = True,
         dropout: float | None = None, append_eos: str = "auto", padding_side: str | None = None,
-        **model_kwargs,
+        lora: LoraSettings | None = None, **model_kwargs,
     ) -> "Encoder":
         """``pooler=None``: the saved folder's pooler, else ``last`` for causal models and ``cls``
         for the others. ``dropout``: None keeps the model's own, a float sets every backbone
-        dropout key of its config (``families.set_dropout``)."""
+        dropout key of its config (``families.set_dropout``). ``lora``: inject LoRA adapters
+        into the backbone and freeze its weights (``hncse_dist.lora``; the head stays
+        trainable). A LoRA adapter folder (``lora_export: adapter``) loads as its base model
+        with the adapter merged."""
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         path = resolve_model_path(name_or_path)
-        check_model_path(path)
+        adapter_of = adapter_base(path)  # an adapter-only folder: the weights come from its base model
+        weights_path = resolve_model_path(adapter_of) if adapter_of else path
+        check_model_path(weights_path)
         saved = Path(path) / ENCODER_CONFIG_FILE
         if saved.is_file() and pooler is None:
             meta = json.loads(saved.read_text())
             pooler, mlp_only_train = meta["pooler"], meta["mlp_only_train"]
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(weights_path)
         dropout_keys = set_dropout(config, dropout) if dropout is not None else []
         from transformers.utils import logging as hf_logging
 
@@ -161,17 +168,28 @@ class Encoder(nn.Module):
         hf_logging.disable_progress_bar()  # a "Loading weights" bar per process is noise in run logs
         try:
             # BERT's pooler is never used here and would leave DDP with unused parameters.
-            backbone = AutoModel.from_pretrained(path, config=config, add_pooling_layer=False, **model_kwargs)
+            backbone = AutoModel.from_pretrained(weights_path, config=config, add_pooling_layer=False, **model_kwargs)
         except TypeError:
-            backbone = AutoModel.from_pretrained(path, config=config, **model_kwargs)
+            backbone = AutoModel.from_pretrained(weights_path, config=config, **model_kwargs)
         finally:
             hf_logging.set_verbosity(verbosity)
             if bars:
                 hf_logging.enable_progress_bar()
+        if adapter_of:
+            backbone = merge_adapter_folder(backbone, path)
+        lora_layers = None
+        if lora is not None:
+            try:
+                lora_layers = apply_lora(backbone, lora)
+            except ValueError as err:
+                raise ModelSetupError(str(err)) from None
         tokenizer = AutoTokenizer.from_pretrained(path)
         pooler = pooler or ("last" if is_causal(backbone) else "cls")
         enc = cls(backbone, tokenizer, pooler=pooler, mlp_only_train=mlp_only_train, packed=packed,
                   append_eos=append_eos, padding_side=padding_side)
+        enc.lora = lora
+        if lora_layers is not None:
+            enc.notes.insert(0, lora_note(lora, backbone, lora_layers))
         if dropout_keys:
             enc.notes.insert(0, f"dropout={dropout}: set {', '.join(dropout_keys)} of {model_name(backbone)}")
         head_file = Path(path) / HEAD_FILE

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .encoder import ENCODER_CONFIG_FILE, Encoder
+from .lora import ADAPTER_SUBFOLDER, LoraSettings, adapter_base, base_model_reference, merge_lora_state, write_adapter
 
 
 def _checkpoint_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -42,7 +43,7 @@ def export_any(source: str, output: str, pooler: str | None = None) -> Path:
     src = Path(source)
     if not src.exists():
         raise FileNotFoundError(f"{source} does not exist: pass a model folder or OUT/checkpoints/step-N")
-    if (src / "config.json").is_file() and not (src / "COMPLETE").is_file():
+    if ((src / "config.json").is_file() or adapter_base(src)) and not (src / "COMPLETE").is_file():
         if pooler is None and not (src / ENCODER_CONFIG_FILE).is_file():
             pooler = "cls_before_pooler"
         enc = Encoder.from_pretrained(str(src), pooler=pooler)
@@ -52,23 +53,26 @@ def export_any(source: str, output: str, pooler: str | None = None) -> Path:
     from .checkpoint import check_files
 
     check_files(src)  # DeepSpeed's consolidation unpickles its files in full: plain data only
+    lora = LoraSettings.from_config(run)  # a LoRA run: the same adapters, so that the keys match
     enc = Encoder.from_pretrained(run["model_name_or_path"], pooler or run["pooler"], run["mlp_only_train"],
                                   dropout=run.get("dropout"), append_eos=run.get("append_eos", "auto"),
-                                  padding_side=run.get("padding_side"))
+                                  padding_side=run.get("padding_side"), lora=lora)
     state = _checkpoint_state_dict(src)
     missing, unexpected = enc.load_state_dict(state, strict=False)
     if unexpected or [k for k in missing if not k.startswith("head.")]:
         raise ValueError(f"checkpoint does not match {run['model_name_or_path']}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    # The run's export_dtype, so that this equals the run's own best/ and final/ exports.
-    save_encoder(enc, output, {k: v.detach() for k, v in enc.state_dict().items()}, run.get("export_dtype", "fp32"))
+    # The run's export_dtype (and lora_export), so that this equals the run's own best/ and final/ exports.
+    write_export(enc, output, {k: v.detach() for k, v in enc.state_dict().items()}, run.get("export_dtype", "fp32"))
     return Path(output)
 
 
 EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def master_state_dict(acc, model) -> dict[str, torch.Tensor] | None:
-    """The Encoder's state dict in fp32 on the main process (None elsewhere).
+def master_state_dict(acc, model, merge_lora: bool = True) -> dict[str, torch.Tensor] | None:
+    """The Encoder's state dict in fp32 on the main process (None elsewhere); with LoRA
+    adapters in the backbone, merged into plain weights (``lora.merge_lora_state``) unless
+    ``merge_lora`` is False.
 
     Under DeepSpeed the module holds bf16/fp16 copies (ZeRO-3: only partitions); the weights
     the optimizer updates are its fp32 master partitions, which ``safe_get_full_fp32_param``
@@ -78,9 +82,13 @@ def master_state_dict(acc, model) -> dict[str, torch.Tensor] | None:
     from accelerate.utils import DistributedType
 
     module = acc.unwrap_model(model)
+    lora = getattr(module, "lora", None)
     if acc.distributed_type != DistributedType.DEEPSPEED:
         state = acc.get_state_dict(model)
-        return {k: v.detach().cpu() for k, v in state.items()} if acc.is_main_process else None
+        if not acc.is_main_process:
+            return None
+        state = {k: v.detach().cpu() for k, v in state.items()}
+        return merge_lora_state(state, lora.scaling) if lora is not None and merge_lora else state
     from deepspeed.utils import safe_get_full_fp32_param
 
     out: dict[str, torch.Tensor] = {}
@@ -93,7 +101,9 @@ def master_state_dict(acc, model) -> dict[str, torch.Tensor] | None:
             full = t.detach()
         if acc.is_main_process:
             out[name] = full.detach().cpu()
-    return out if acc.is_main_process else None
+    if not acc.is_main_process:
+        return None
+    return merge_lora_state(out, lora.scaling) if lora is not None and merge_lora else out
 
 
 def _gathered_copy(param: torch.nn.Parameter) -> torch.Tensor:
@@ -128,3 +138,52 @@ def export_from_training(acc, model, out_dir: Path, dtype: str = "fp32") -> None
     if acc.is_main_process:
         save_encoder(acc.unwrap_model(model), out_dir, state, dtype)
     acc.wait_for_everyone()
+
+
+# ------------------------------------------------------------------------------ LoRA runs
+
+
+def export_trained(acc, model, out_dir: Path, dtype: str = "fp32") -> None:
+    """``export_from_training``, and for a LoRA run what its ``lora_export`` asks for: the
+    merged model (``merged``), peft's adapter folder (``adapter``) or both (the adapter in
+    ``out_dir/adapter``). Every rank calls it; the main process writes."""
+    lora = getattr(acc.unwrap_model(model), "lora", None)
+    if lora is None or lora.export == "merged":
+        export_from_training(acc, model, out_dir, dtype)
+        return
+    state = master_state_dict(acc, model, merge_lora=False)
+    if acc.is_main_process:
+        write_export(acc.unwrap_model(model), out_dir, state, dtype)
+    acc.wait_for_everyone()
+
+
+def write_export(encoder: Encoder, out_dir: str | Path, state: dict[str, torch.Tensor], dtype: str = "fp32") -> None:
+    """Write ``encoder`` with ``state`` (its fp32 state dict, adapters unmerged for a LoRA
+    encoder) as its ``lora_export`` says; a plain encoder is a plain ``save_encoder``."""
+    lora = encoder.lora
+    if lora is None:
+        save_encoder(encoder, out_dir, state, dtype)
+        return
+    if lora.export in ("merged", "both"):
+        save_encoder(encoder, out_dir, merge_lora_state(state, lora.scaling), dtype)
+    if lora.export in ("adapter", "both"):
+        out = Path(out_dir) / ADAPTER_SUBFOLDER if lora.export == "both" else Path(out_dir)
+        save_adapter_folder(encoder, out, state)
+
+
+def save_adapter_folder(encoder: Encoder, out_dir: Path, state: dict[str, torch.Tensor]) -> None:
+    """peft's adapter folder plus what makes it an encoder folder: the tokenizer, the pooler
+    record, the cls head and the SentenceTransformer modules (they load its base model and the
+    adapter: no base weights are written)."""
+    from .encoder import HEAD_FILE, write_sentence_transformers_files
+
+    out = Path(out_dir)
+    write_adapter(out, state, encoder.lora, encoder.backbone, base_model_reference(encoder.backbone.config.name_or_path))
+    encoder.tokenizer.save_pretrained(out)
+    head_sd = {k[len("head."):]: v.float() for k, v in state.items() if k.startswith("head.")}
+    if head_sd:
+        torch.save(head_sd, out / HEAD_FILE)
+    (out / ENCODER_CONFIG_FILE).write_text(
+        json.dumps({"pooler": encoder.pooler, "mlp_only_train": encoder.mlp_only_train}, indent=2))
+    write_sentence_transformers_files(out, encoder.pooler, encoder.backbone.config.hidden_size,
+                                      head_sd if not encoder.mlp_only_train else None)
