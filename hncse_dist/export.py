@@ -186,4 +186,4 @@ def save_adapter_folder(encoder: Encoder, out_dir: Path, state: dict[str, torch.
     (out / ENCODER_CONFIG_FILE).write_text(
         json.dumps({"pooler": encoder.pooler, "mlp_only_train": encoder.mlp_only_train}, indent=2))
     write_sentence_transformers_files(out, encoder.pooler, encoder.backbone.config.hidden_size,
-                                      head_sd if not encoder.mlp_only_train else None)
+                                      head_sd if head_sd and not encoder.mlp_only_train else None)
