@@ -176,3 +176,46 @@ def test_config_keys(tmp_path, tiny_bert):
     assert LoraSettings.from_config(listed).targets == ("query", "key")
     with pytest.raises(ConfigError, match="lora_export='full': use one of merged, adapter, both"):
         load_config(None, [*base, "lora_export=full"]).validate()
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_adapter_gradients_of_two_ranks_equal_one_process(tmp_path, tiny_bert):
+    """Real DDP on 2 gloo processes, fp32: the adapters' and the head's gradients equal one
+    process's on the global batch; the frozen weights get none."""
+    from tests.launch import torchrun
+
+    out = tmp_path / "report.json"
+    torchrun(2, ["tests/scripts/lora_grad_check.py", tiny_bert, str(out), str(tmp_path / "corpus.txt")], timeout=300)
+    report = json.loads(out.read_text())
+    assert report["world"] == 2 and not report["frozen_with_grad"]
+    names = report["names"]
+    assert len([n for n in names if ".lora_A." in n]) == len([n for n in names if ".lora_B." in n]) == 12
+    assert {"head.0.weight", "head.0.bias"} <= set(names)
+    assert all(v > 0 for v in report["grad_norms"].values())  # every adapter really has a gradient
+    worst = max(report["max_rel_err"].items(), key=lambda kv: kv[1])
+    assert worst[1] < 1e-5, worst
+
+
+def test_lora_without_peft_is_one_line_exit_2(tmp_path, tiny_bert, corpus):
+    """A peft that cannot be imported (a package on the path that raises ImportError as a
+    missing one does): the run stops before anything is trained or written."""
+    import subprocess
+    import sys
+
+    from tests.launch import REPO, child_env
+    from tests.test_train_e2e import common
+
+    blocker = tmp_path / "no_peft" / "peft"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError(\"No module named 'peft'\")\n")
+    env = child_env(PYTHONPATH=f"{blocker.parent}{os.pathsep}{REPO}")
+    out = tmp_path / "run"
+    for launch in ([], ["--nproc-per-node", "2"]):
+        proc = subprocess.run([sys.executable, "-m", "hncse_dist.cli", "train", *launch,
+                               *common(tiny_bert, corpus, out, lora_r=4)],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert lines == ["hncse-dist train: error: lora_r=4 needs the peft package: pip install hncse-dist[lora]"]
+        assert not out.exists()
