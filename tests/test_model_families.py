@@ -213,7 +213,7 @@ def train_args(model, out, train_file, **kw):
     args = {"model_name_or_path": model, "train_file": train_file, "output_dir": str(out), "batch_size": 16,
             "max_steps": 8, "log_every": 1, "stats_every": 1, "eval_every": 0, "bank_size": 2,
             "num_workers": 1, "progress": "false", "hnm_k": 4, "hnm_m": 6, "pooler": "last",
-            "dropout": 0.1, "learning_rate": 1e-3, "save_every": 8}
+            "dropout": 0.1, "learning_rate": 1e-3, "save_every": 8, "param_digest": "true"}
     args.update(kw)
     return [f"{k}={v}" for k, v in args.items()]
 
