@@ -104,8 +104,15 @@ def build_head(hidden: int, backbone: nn.Module) -> nn.Module:
     from transformers.integrations import deepspeed_config
 
     dtype = next(backbone.parameters()).dtype
-    with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(), dtype=dtype):
-        return nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh())
+    # The dtype comes from the DeepSpeed config, as for the backbone's own zero.Init: an explicit
+    # dtype= is overridden by bf16 on CPUs without oneDNN fp16 (DeepSpeed 0.19's Init._set_dtype).
+    with deepspeed.zero.Init(config_dict_or_path=deepspeed_config()):
+        head = nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh())
+    got = next(head.parameters()).dtype
+    if got != dtype:
+        raise ModelSetupError(f"the cls head was partitioned in {got}, the backbone in {dtype}: "
+                              "set mixed_precision to match the DeepSpeed config's bf16 / fp16")
+    return head
 
 
 class Encoder(nn.Module):
