@@ -219,3 +219,138 @@ def test_lora_without_peft_is_one_line_exit_2(tmp_path, tiny_bert, corpus):
         assert proc.returncode == 2, proc.stderr[-3000:]
         assert lines == ["hncse-dist train: error: lora_r=4 needs the peft package: pip install hncse-dist[lora]"]
         assert not out.exists()
+
+
+# ------------------------------------------------------------------------------ training runs
+
+LR = 1e-2  # large enough that 6 steps move the adapters visibly
+
+
+def run_args(tiny_bert, corpus, out, **kw):
+    from tests.test_train_e2e import common
+
+    return common(tiny_bert, corpus, out, **{"max_steps": 6, "save_every": 3, "keep_last": 0, "lora_r": 4,
+                                             "learning_rate": LR, **kw})
+
+
+def curve(out):
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def ddp_lora_run(tmp_path_factory, tiny_bert, corpus):
+    from tests.test_train_e2e import run_cli
+
+    out = tmp_path_factory.mktemp("lora-ddp") / "run"
+    run_cli(["train", "--nproc-per-node", "2", *run_args(tiny_bert, corpus, out)], timeout=900)
+    return out
+
+
+def trained_peft_embeddings(tiny_bert, ckpt, sentences):
+    """CLS embeddings of peft's own model (the untouched base + the checkpoint's adapter, not merged)."""
+    from peft import get_peft_model, set_peft_model_state_dict
+    from transformers import AutoModel, AutoTokenizer
+
+    from hncse_dist.export import _checkpoint_state_dict
+
+    raw = _checkpoint_state_dict(ckpt)
+    base = AutoModel.from_pretrained(tiny_bert, add_pooling_layer=False)
+    model = get_peft_model(base, peft_config(LoraSettings(r=4), base))
+    assert not set_peft_model_state_dict(model, adapter_state(raw)).unexpected_keys
+    feats = AutoTokenizer.from_pretrained(tiny_bert)(sentences, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return model.eval()(**feats).last_hidden_state[:, 0], raw
+
+
+def check_lora_run(out, tiny_bert, tmp_path):
+    """Base weights bit-identical to the pretrained ones, adapters trained, final/ (merged) loads in
+    AutoModel and SentenceTransformer with peft's embeddings, and equals 'hncse-dist export'."""
+    from safetensors.torch import load_file
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel, AutoTokenizer
+
+    from tests.test_train_e2e import run_cli
+
+    ckpt = out / "checkpoints" / "step-00000006"
+    want, raw = trained_peft_embeddings(tiny_bert, ckpt, SENTENCES)
+    pretrained = load_file(str(Path(tiny_bert) / "model.safetensors"))
+    backbone = {k[len("backbone."):].replace(".base_layer.", "."): v for k, v in raw.items()
+                if k.startswith("backbone.") and ".lora_" not in k}
+    assert backbone.keys() == pretrained.keys()
+    for k, v in pretrained.items():
+        assert torch.equal(backbone[k], v), k  # frozen: not one bit moved
+    lora_b = [v for k, v in raw.items() if ".lora_B." in k]
+    assert len(lora_b) == 12 and min(float(v.abs().max()) for v in lora_b) > 1e-4  # B starts at 0: trained
+    final = out / "final"
+    plain = AutoModel.from_pretrained(str(final))
+    assert not any("lora" in k or "base_layer" in k for k in plain.state_dict())
+    feats = AutoTokenizer.from_pretrained(str(final))(SENTENCES, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        auto = plain.eval()(**feats).last_hidden_state[:, 0]
+    assert cosines(auto, want).min() > 0.9999
+    st = SentenceTransformer(str(final), device="cpu").encode(SENTENCES, convert_to_tensor=True)
+    assert cosines(st.cpu(), want).min() > 0.9999
+    run_cli(["export", str(ckpt), str(tmp_path / "exported")])
+    a, b = load_file(str(final / "model.safetensors")), load_file(str(tmp_path / "exported" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return want
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_ddp_lora_run_freezes_the_base_and_exports_a_plain_model(tmp_path, tiny_bert, ddp_lora_run):
+    assert sorted(curve(ddp_lora_run)) == list(range(1, 7))
+    check_lora_run(ddp_lora_run, tiny_bert, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.deepspeed
+@pytest.mark.dist
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_lora_run_matches_ddp_and_exports(tmp_path, tiny_bert, corpus, ddp_lora_run, stage):
+    """ZeRO-2 and ZeRO-3 (adapters and head partitioned with the base) follow DDP's loss curve
+    (fp32); final/ holds the merged model and, with lora_export=both, peft's adapter folder."""
+    from sentence_transformers import SentenceTransformer
+
+    from tests.test_train_e2e import run_cli
+
+    out = tmp_path / "run"
+    run_cli(["train", "--nproc-per-node", "2", *run_args(tiny_bert, corpus, out, deepspeed=f"ds_configs/zero{stage}.json",
+                                                        lora_export="both")], timeout=900)
+    got, ref = curve(out), curve(ddp_lora_run)
+    assert sorted(got) == sorted(ref) == list(range(1, 7))
+    assert [got[s] for s in got] == pytest.approx([ref[s] for s in got], rel=1e-4, abs=1e-5)
+    want = check_lora_run(out, tiny_bert, tmp_path)
+    adapter = out / "final" / "adapter"
+    assert (adapter / "adapter_model.safetensors").is_file() and not (adapter / "model.safetensors").exists()
+    st = SentenceTransformer(str(adapter), device="cpu").encode(SENTENCES, convert_to_tensor=True)
+    assert cosines(st.cpu(), want).min() > 0.9999
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_resume_from_a_lora_checkpoint_continues_the_loss_curve(tmp_path, tiny_bert, corpus, ddp_lora_run):
+    """The run folder as it was at the step-3 checkpoint, resumed: steps 4-6 and the final model
+    equal the uninterrupted run's (fp32, CPU: bit for bit)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from tests.test_train_e2e import run_cli
+
+    out = tmp_path / "cut"
+    shutil.copytree(ddp_lora_run, out, ignore=shutil.ignore_patterns("run.lock"))
+    for name in ("checkpoints/step-00000006", "final", "best", "summary.json"):
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    lines = [line for line in (out / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= 3]
+    (out / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    proc = run_cli(["train", "--nproc-per-node", "2", *run_args(tiny_bert, corpus, out, resume="latest")], timeout=900)
+    assert "at step 3" in proc.stdout + proc.stderr
+    got, want = curve(out), curve(ddp_lora_run)
+    assert sorted(got) == list(range(1, 7))
+    assert [got[s] for s in range(1, 7)] == [want[s] for s in range(1, 7)]
+    a = load_file(str(out / "checkpoints" / "step-00000006" / "model.safetensors"))
+    b = load_file(str(ddp_lora_run / "checkpoints" / "step-00000006" / "model.safetensors"))
+    assert any(".lora_A." in k for k in a) and all(torch.equal(a[k], b[k]) for k in b)
