@@ -59,10 +59,10 @@ def check_model_path(path: str) -> None:
 
 
 def check_model_setup(name_or_path: str, pooler: str, dropout: float | None = None, append_eos: str = "auto",
-                      padding_side: str | None = None) -> None:
-    """Start-up checks of a training run (pooler, tokenizer, dropout: ModelSetupError) without
-    loading the weights: the model is built on the meta device. Lets the launcher refuse a
-    bad setup once, before it starts the processes."""
+                      padding_side: str | None = None, lora: LoraSettings | None = None) -> None:
+    """Start-up checks of a training run (pooler, tokenizer, dropout, LoRA target modules:
+    ModelSetupError) without loading the weights: the model is built on the meta device. Lets
+    the launcher refuse a bad setup once, before it starts the processes."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     path = resolve_model_path(name_or_path)
@@ -72,6 +72,8 @@ def check_model_setup(name_or_path: str, pooler: str, dropout: float | None = No
         set_dropout(config, dropout)
     with torch.device("meta"):
         backbone = AutoModel.from_config(config)
+        if lora is not None:
+            apply_lora(backbone, lora)
     Encoder(backbone, AutoTokenizer.from_pretrained(path), pooler=pooler, append_eos=append_eos,
             padding_side=padding_side)
     require_dropout(backbone, dropout)
@@ -184,12 +186,7 @@ class Encoder(nn.Module):
                 hf_logging.enable_progress_bar()
         if adapter_of:
             backbone = merge_adapter_folder(backbone, path)
-        lora_layers = None
-        if lora is not None:
-            try:
-                lora_layers = apply_lora(backbone, lora)
-            except ValueError as err:
-                raise ModelSetupError(str(err)) from None
+        lora_layers = apply_lora(backbone, lora) if lora is not None else None
         tokenizer = AutoTokenizer.from_pretrained(path)
         pooler = pooler or ("last" if is_causal(backbone) else "cls")
         enc = cls(backbone, tokenizer, pooler=pooler, mlp_only_train=mlp_only_train, packed=packed,

@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .families import ModelSetupError
+
 LORA_EXPORTS = ("merged", "adapter", "both")
 ADAPTER_NAME = "default"  # peft's name of the one adapter
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -121,7 +123,7 @@ def peft_config(settings: LoraSettings, backbone: nn.Module):
 
 def apply_lora(backbone: nn.Module, settings: LoraSettings) -> list[str]:
     """Inject the adapters into ``backbone`` in place and freeze everything else in it; returns
-    the names of the adapted layers. Raises ValueError when no target module matches."""
+    the names of the adapted layers. Raises ModelSetupError when no target module matches."""
     from peft import inject_adapter_in_model
 
     config = peft_config(settings, backbone)
@@ -131,7 +133,7 @@ def apply_lora(backbone: nn.Module, settings: LoraSettings) -> list[str]:
         names = sorted({n.rsplit(".", 1)[-1] for n, m in backbone.named_modules() if isinstance(m, nn.Linear)})
         targets = config.target_modules
         asked = targets if isinstance(targets, str) else ",".join(sorted(targets))
-        raise ValueError(f"lora_target_modules={asked}: {str(err).splitlines()[0]}; the linear layers of "
+        raise ModelSetupError(f"lora_target_modules={asked}: {str(err).splitlines()[0]}; the linear layers of "
                          f"{getattr(backbone.config, 'model_type', 'this model')} are named {', '.join(names)}") from None
     for name, p in backbone.named_parameters():
         p.requires_grad_(".lora_" in name)

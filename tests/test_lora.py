@@ -89,6 +89,24 @@ def test_padding_free_forward_covers_adapted_layers(tiny_bert):
         torch.testing.assert_close(out[True][1][n], g, rtol=1e-4, atol=1e-6)
 
 
+def test_gradient_checkpointing_keeps_the_adapter_gradients(tiny_bert):
+    """The embeddings are frozen, so no checkpointed layer's input requires grad: the adapters
+    inside must still get their gradients (the model's own forward, which checkpoints)."""
+    grads = []
+    for checkpointing in (False, True):
+        enc = lora_encoder(tiny_bert)  # the same seed: the same backbone dropout masks in both runs
+        enc.packed = False
+        if checkpointing:
+            enc.enable_checkpointing()
+        feats = enc.train().tokenize(SENTENCES, 32)
+        enc(feats["input_ids"], feats["attention_mask"]).pow(2).sum().backward()
+        grads.append({n: p.grad for n, p in enc.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for n, g in grads[0].items():
+        assert grads[1][n] is not None, n
+        torch.testing.assert_close(grads[1][n], g, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("pooler", ["cls", "avg"])
 def test_merged_export_loads_in_automodel_and_sentence_transformers(tmp_path, tiny_bert, pooler):
     from sentence_transformers import SentenceTransformer
@@ -138,6 +156,13 @@ def test_adapter_export_loads_with_peft_sentence_transformers_and_encoder(tmp_pa
     assert cosines(st.cpu(), want).min() > 0.9999
     ours = Encoder.from_pretrained(str(adapter), pooler=None).encode(SENTENCES)
     torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-5)
+    # 'hncse-dist export' of the adapter folder: a plain model with the same embeddings
+    from hncse_dist.export import export_any
+
+    export_any(str(adapter), str(tmp_path / "plain"))
+    assert (tmp_path / "plain" / "model.safetensors").is_file()
+    plain = SentenceTransformer(str(tmp_path / "plain"), device="cpu").encode(SENTENCES, convert_to_tensor=True)
+    assert cosines(plain.cpu(), want).min() > 0.9999
 
 
 def test_family_default_targets_adapt_attention_and_mlp(tmp_path):
@@ -354,3 +379,16 @@ def test_resume_from_a_lora_checkpoint_continues_the_loss_curve(tmp_path, tiny_b
     a = load_file(str(out / "checkpoints" / "step-00000006" / "model.safetensors"))
     b = load_file(str(ddp_lora_run / "checkpoints" / "step-00000006" / "model.safetensors"))
     assert any(".lora_A." in k for k in a) and all(torch.equal(a[k], b[k]) for k in b)
+
+
+@pytest.mark.slow
+def test_unknown_target_module_under_the_launcher_is_one_line(tmp_path, tiny_bert, corpus):
+    from tests.test_train_e2e import run_cli
+
+    proc = run_cli(["train", "--nproc-per-node", "2", *run_args(tiny_bert, corpus, tmp_path / "r",
+                                                                lora_target_modules="q_proj,v_proj")],
+                   check=False, timeout=120)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith("hncse-dist train: error: lora_target_modules=q_proj,v_proj: ")
+    assert lines[0].endswith("the linear layers of bert are named dense, key, query, value")
