@@ -147,10 +147,6 @@ def export_trained(acc, model, out_dir: Path, dtype: str = "fp32") -> None:
     """``export_from_training``, and for a LoRA run what its ``lora_export`` asks for: the
     merged model (``merged``), peft's adapter folder (``adapter``) or both (the adapter in
     ``out_dir/adapter``). Every rank calls it; the main process writes."""
-    lora = getattr(acc.unwrap_model(model), "lora", None)
-    if lora is None or lora.export == "merged":
-        export_from_training(acc, model, out_dir, dtype)
-        return
     state = master_state_dict(acc, model, merge_lora=False)
     if acc.is_main_process:
         write_export(acc.unwrap_model(model), out_dir, state, dtype)
