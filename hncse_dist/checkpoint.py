@@ -356,3 +356,8 @@ class Checkpointer:
         for name, part in self.states.items():
             part.load_state_dict(saved[name])
         return saved
+
+
+def marker_record(folder: Path) -> dict:
+    """What ``COMPLETE`` records of a complete checkpoint: step, world_size, run_id, time."""
+    return json.loads((Path(folder) / MARKER).read_text(encoding="utf-8"))
