@@ -330,10 +330,11 @@ class Encoder(nn.Module):
         self.save_companion_files(out, state_dict, max_seq_length, card)
 
     def save_companion_files(self, out_dir: str | os.PathLike, state_dict: dict, max_seq_length: int | None = None,
-                             card: dict | None = None) -> None:
+                             card: dict | None = None, st_library: bool = True) -> None:
         """What ``save_pretrained`` writes beside the backbone: tokenizer, pooler record, head,
         SentenceTransformer modules and model card (a LoRA adapter folder has these and no
-        backbone: its base model supplies the weights)."""
+        backbone: its base model supplies the weights). ``st_library``: re-save the
+        SentenceTransformer files through the installed library (``st_modules``)."""
         from .model_card import check
 
         card = check(card)
@@ -350,17 +351,18 @@ class Encoder(nn.Module):
             json.dumps({"pooler": self.pooler, "mlp_only_train": self.mlp_only_train}, indent=2)
         )
         write_sentence_transformers_files(out, self.pooler, self.backbone.config, max_seq_length,
-                                          head_sd if not self.mlp_only_train else None, card)
+                                          head_sd if not self.mlp_only_train else None, card, st_library)
 
 
 def write_sentence_transformers_files(out: Path, pooler: str, config, max_seq_length: int,
-                                      head_sd: dict | None, card: dict | None = None) -> None:
+                                      head_sd: dict | None, card: dict | None = None,
+                                      use_library: bool = True) -> None:
     """modules.json and the modules of ``pooler`` (+ the Dense head when evaluation uses it)
     for SentenceTransformer(path), and the README.md model card (``hncse_dist.st_modules``)."""
     from . import model_card
 
     layout = st_layout(pooler, config.hidden_size, config.num_hidden_layers, max_seq_length, head_sd or None)
-    st_write(out, layout)
+    st_write(out, layout, use_library=use_library)
     (out / "README.md").write_text(model_card.render(
         card, pooler=pooler, hidden=config.hidden_size, max_seq_length=max_seq_length,
         layout=[m.kind for m in layout], name_or_path=getattr(config, "_name_or_path", "") or str(out),

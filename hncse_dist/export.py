@@ -12,7 +12,7 @@ import torch
 from .checkpoint import MARKER, marker_record
 from .encoder import ENCODER_CONFIG_FILE, Encoder
 from .lora import ADAPTER_SUBFOLDER, LoraSettings, adapter_base, base_model_reference, merge_lora_state, write_adapter
-from .st_modules import ROOT_CONFIG
+from .st_modules import ROOT_CONFIG, needs_hidden_states, patch_json
 
 
 def _checkpoint_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -210,5 +210,9 @@ def write_export(encoder: Encoder, out_dir: str | Path, state: dict[str, torch.T
         write_adapter(out, state, lora, encoder.backbone, base_model_reference(encoder.backbone.config.name_or_path))
         if max_seq_length is None and card and card.get("config"):
             max_seq_length = card["config"].get("max_seq_length")
+        # sentence-transformers' own re-save would load base + adapter to write them again (and
+        # wants a newer peft than its loader does): its 3.x-format files are written directly.
         encoder.save_companion_files(out, {k: v.float() for k, v in state.items() if k.startswith("head.")},
-                                     max_seq_length, card)
+                                     max_seq_length, card, st_library=False)
+        if needs_hidden_states(encoder.pooler):  # the base model's config does not output them
+            patch_json(out / ROOT_CONFIG, config_args={"output_hidden_states": True})

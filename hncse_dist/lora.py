@@ -205,6 +205,9 @@ def write_adapter(out_dir: str | Path, state: dict[str, torch.Tensor], settings:
     out.mkdir(parents=True, exist_ok=True)
     config = peft_config(settings, backbone)
     config.base_model_name_or_path = base_model
+    # The adapted layers by their full names: a loader that builds more than this trainer did
+    # (BERT's pooler, whose dense layer the short names also match) adapts the same layers.
+    config.target_modules = sorted(adapted_layers(k[len("backbone."):] for k in state if k.startswith("backbone.")))
     config.save_pretrained(str(out))
     save_file(adapter_state(state), str(out / ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
 

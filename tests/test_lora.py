@@ -142,7 +142,8 @@ def test_adapter_export_loads_with_peft_sentence_transformers_and_encoder(tmp_pa
     assert (adapter / "adapter_config.json").is_file() and not (adapter / "model.safetensors").exists()
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["lora_alpha"] == 8 and Path(config["base_model_name_or_path"]) == Path(tiny_bert).resolve()
-    assert sorted(config["target_modules"]) == ["dense", "key", "query", "value"]
+    assert len(config["target_modules"]) == 12  # the adapted layers by full name: BERT's pooler is not one
+    assert {t.rsplit(".", 1)[-1] for t in config["target_modules"]} == {"dense", "key", "query", "value"}
     # peft on the untouched base model
     base = AutoModel.from_pretrained(tiny_bert, add_pooling_layer=False)
     peft_model = PeftModel.from_pretrained(base, str(adapter)).eval()
@@ -163,6 +164,21 @@ def test_adapter_export_loads_with_peft_sentence_transformers_and_encoder(tmp_pa
     assert (tmp_path / "plain" / "model.safetensors").is_file()
     plain = SentenceTransformer(str(tmp_path / "plain"), device="cpu").encode(SENTENCES, convert_to_tensor=True)
     assert cosines(plain.cpu(), want).min() > 0.9999
+
+
+def test_adapter_folder_of_the_first_last_pooler_in_sentence_transformers(tmp_path, tiny_bert):
+    """SentenceTransformer builds an adapter folder's config from the base model's, which does
+    not output the hidden layers avg_first_last reads: the folder asks for them."""
+    from sentence_transformers import SentenceTransformer
+
+    from hncse_dist.export import write_export
+
+    enc = lora_encoder(tiny_bert, pooler="avg_first_last", export="adapter")
+    want = enc.encode(SENTENCES)
+    write_export(enc, tmp_path / "a", {k: v.detach() for k, v in enc.state_dict().items()})
+    assert not (tmp_path / "a" / "config.json").exists()
+    st = SentenceTransformer(str(tmp_path / "a"), device="cpu").encode(SENTENCES, convert_to_tensor=True)
+    assert cosines(st.cpu(), want).min() > 0.9999
 
 
 def test_family_default_targets_adapt_attention_and_mlp(tmp_path):
