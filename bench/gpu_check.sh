@@ -1,8 +1,6 @@
 #!/usr/bin/env bash
-# GPU check of hncse-dist: the branches that only run on CUDA (fp16 GradScaler step, 1-GPU
-# ZeRO-3 bf16 and fp16, the padding-free forward's CUDA dropout + SDPA, pinned copies) and the
-# throughput comparison with sentence-transformers (bench/throughput.py --device cuda), in one
-# run of under 10 minutes on one GPU. Writes one JSON report (default
+# GPU check of hncse-dist: the branches that only run on CUDA and the throughput comparison on
+# the GPU (the checks: BENCHMARKS.md), under 10 minutes on one GPU, one JSON report (default
 # bench/results/gpu_check.json). Exit status: 0 all passed, 1 a check failed, 2 no CUDA GPU.
 #
 #   bash bench/gpu_check.sh [--output FILE] [--skip throughput,...]

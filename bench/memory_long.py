@@ -1,89 +1,56 @@
-"""Memory over a long run: resident memory of the trainer (and its DataLoader workers) every
-100 steps of a real ``hncse-dist train`` run, measured from outside through /proc.
+"""Memory over a long run: resident memory of the trainer and its DataLoader workers every 100
+steps of a real ``hncse-dist train`` run, read from outside through /proc. Results: BENCHMARKS.md.
 
     python bench/memory_long.py --model tiny --steps 2000
     python bench/memory_long.py --model minilm --steps 2000 --batch-size 32
 
-The run trains on the packaged 30k-sentence Wikipedia sample (several epochs when the steps
-ask for it), fp32 or bf16, with STS-B dev evaluation and checkpoints at their usual cadence,
-so everything a long run does is inside the window. Output: a JSON file in bench/results/ and
-a Markdown table; "growth" is the change of the trainer's RSS from step 200 to the end
-(target < 10%).
+Writes bench/results/memory_long_MODEL.json; "growth" is the trainer's RSS change from step 200 to the end.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+from common import MINILM, REPO_ROOT, RESULTS, WIKI_SAMPLE, descendants, env, md_table, parser, rss_mb, write
 
-from tests.fixtures import MINILM, build_tiny_bert  # noqa: E402
-
-
-def rss_mb(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except FileNotFoundError:
-        pass
-    return 0.0
-
-
-def descendants(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-    kids = [int(p) for p in out]
-    return kids + [g for k in kids for g in descendants(k)]
+from tests.fixtures import build_tiny_bert
 
 
 def last_step(metrics: Path) -> int:
     if not metrics.is_file():
         return 0
-    step = 0
     with open(metrics) as f:
-        for line in f:
-            if '"loss"' in line:
-                step = json.loads(line)["step"]
-    return step
+        return max([json.loads(line)["step"] for line in f if '"loss"' in line], default=0)
 
 
 def measure(args, out_dir: Path, model: str) -> dict:
-    cmd = [sys.executable, "-m", "hncse_dist.cli", "train",
-           f"model_name_or_path={model}", f"train_file={REPO_ROOT / 'hncse_dist/resources/wiki_sample.txt'}",
+    cmd = [sys.executable, "-m", "hncse_dist.cli", "train", f"model_name_or_path={model}", f"train_file={WIKI_SAMPLE}",
            f"output_dir={out_dir}", f"batch_size={args.batch_size}", f"max_steps={args.steps}", "log_every=10",
            f"eval_every={args.eval_every}", f"save_every={args.save_every}", "keep_last=1",
            f"mixed_precision={args.precision}", f"num_workers={args.num_workers}", "progress=false"]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=str(REPO_ROOT))
-    log = open(out_dir.parent / "train.log", "w")
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     samples: dict[int, dict] = {}
-    t0 = time.time()
-    try:
-        while proc.poll() is None:
-            step = last_step(out_dir / "metrics.jsonl")
-            bucket = step // 100 * 100
-            main = rss_mb(proc.pid)
-            workers = sum(rss_mb(p) for p in descendants(proc.pid))
-            if main > 0 and step > 0 and bucket not in samples:
-                samples[bucket] = {"step": step, "rss_mb": round(main, 1), "workers_rss_mb": round(workers, 1),
-                                   "elapsed_s": round(time.time() - t0, 1)}
-                print(f"step {step:5d}: trainer {main:8.1f} MB, workers {workers:8.1f} MB", flush=True)
-            time.sleep(args.poll)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        log.close()
+    start = time.time()
+    with open(out_dir.parent / "train.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env(args.threads), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            while proc.poll() is None:
+                step, main = last_step(out_dir / "metrics.jsonl"), rss_mb(proc.pid) or 0.0
+                if main > 0 and step > 0 and step // 100 * 100 not in samples:
+                    workers = sum(rss_mb(p) or 0.0 for p in descendants(proc.pid))
+                    samples[step // 100 * 100] = {"step": step, "rss_mb": round(main, 1),
+                                                  "workers_rss_mb": round(workers, 1),
+                                                  "elapsed_s": round(time.time() - start, 1)}
+                    print(f"step {step:5d}: trainer {main:8.1f} MB, workers {workers:8.1f} MB", flush=True)
+                time.sleep(args.poll)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
     if proc.returncode != 0:
         raise SystemExit(f"training failed ({proc.returncode}); see {out_dir.parent / 'train.log'}")
     rows = [samples[k] for k in sorted(samples)]
@@ -94,7 +61,7 @@ def measure(args, out_dir: Path, model: str) -> dict:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--model", choices=("tiny", "minilm"), default="tiny")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=64)
@@ -104,19 +71,17 @@ def main() -> int:
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--poll", type=float, default=0.5)
-    p.add_argument("--out", default=None, help="JSON result (default bench/results/memory_long_MODEL.json)")
+    p.add_argument("--out", type=Path, default=None, help="JSON result (default bench/results/memory_long_MODEL.json)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model = MINILM if args.model == "minilm" else build_tiny_bert(Path(tmp) / "tiny", hidden=128, layers=2)
         result = measure(args, Path(tmp) / "run", model)
-    result["settings"] = vars(args)
-    out = Path(args.out or REPO_ROOT / "bench" / "results" / f"memory_long_{args.model}.json")
-    out.write_text(json.dumps(result, indent=2))
-    print(f"\n| step | trainer RSS (MB) | workers RSS (MB) |\n|---|---|---|")
-    for r in result["rows"]:
-        print(f"| {r['step']} | {r['rss_mb']:.0f} | {r['workers_rss_mb']:.0f} |")
+    result["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     g = result["growth_from_200"]
-    print(f"\ngrowth of the trainer's RSS from step 200 to the end: {100 * g:+.1f}%" if g is not None else "")
+    table = md_table(["step", "trainer RSS (MB)", "workers RSS (MB)"],
+                     [[r["step"], f"{r['rss_mb']:.0f}", f"{r['workers_rss_mb']:.0f}"] for r in result["rows"]])
+    table += f"\ngrowth of the trainer's RSS from step 200 to the end: {100 * g:+.1f}%\n" if g is not None else ""
+    write(args.out or RESULTS / f"memory_long_{args.model}.json", result, table)
     return 0
 
 

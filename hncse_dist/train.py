@@ -268,8 +268,8 @@ class Trainer:
         self.peak = peak_flops(acc.device, cfg.mixed_precision, cfg.peak_flops)
         # The fused kernel (CPU and CUDA) is ~4x faster than the per-tensor loop on MiniLM (bench/throughput.py).
         # Only what trains (with LoRA: the adapters and the head; frozen weights get no AdamW state).
-        optimizer = torch.optim.AdamW([p for p in self.encoder.parameters() if p.requires_grad], lr=cfg.learning_rate,
-                                      weight_decay=cfg.weight_decay, fused=True)
+        trainable = [p for p in self.encoder.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
         self.scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, self.steps)
         self.model, self.optimizer = acc.prepare(self.encoder, optimizer)
         # DeepSpeed takes its optimizer step inside backward: non-finite losses are decided
@@ -488,7 +488,8 @@ class Trainer:
             if self.window.log_due(step):
                 self._log_window(result)
             if self.window.eval_due(step):
-                maybe_eval(cfg, acc, self.model, self.state, self.log, self.out_dir, step, save=self.ckpt.save)
+                maybe_eval(cfg, acc, self.model, self.state, self.log, self.out_dir, step, save=self.ckpt.save,
+                           card=self.card())
             if result.preempted:
                 exit_code = self._checkpoint_and_exit(step)
                 break
@@ -497,7 +498,7 @@ class Trainer:
             self.window.restart_clock()  # evaluation and checkpoints are not training time
         groups.close()
         if exit_code == 0:
-            export(acc, self.model, self.out_dir / "final", cfg.export_dtype)
+            export(acc, self.model, self.out_dir / "final", cfg.export_dtype, card=self.card())
             summary = write_summary(cfg, self.out_dir, self.state, self.steps, self.world_size)
             if summary is not None:
                 self.log.hparams(asdict(cfg), {k: summary[k] for k in ("final_loss", "best_stsb_dev", "sentences_per_s", "mfu")})
@@ -505,11 +506,14 @@ class Trainer:
         return exit_code
 
     def card(self) -> dict:
-        """What the exported model card states: the run's config, its best STS-B dev score,
-        the step and the command."""
+        """What the exported model card states: the run's config, world size, step, best STS-B
+        dev score and the command (hncse_dist.model_card)."""
+        from .model_card import command_line
+
         best = self.state.best_dev
-        return {"config": json.loads(json.dumps(asdict(self.cfg), default=str)), "step": self.state.step,
-                "best_stsb_dev": best if math.isfinite(best) else None, "command": " ".join(sys.argv)}
+        return {"config": json.loads(json.dumps(asdict(self.cfg), default=str)), "world_size": self.world_size,
+                "step": self.state.step, "best_stsb_dev": best if math.isfinite(best) else None,
+                "command": command_line()}
 
     def close(self) -> None:
         if self.bar is not None:
@@ -555,8 +559,9 @@ class NonFiniteSkips:
         return None
 
 
-def maybe_eval(cfg, acc, model, state, log, out_dir: Path, step: int, save=None) -> None:
-    """STS-B dev on the main process; exports the best model (SimCSE's selection).
+def maybe_eval(cfg, acc, model, state, log, out_dir: Path, step: int, save=None, card: dict | None = None) -> None:
+    """STS-B dev on the main process; exports the best model (SimCSE's selection) with
+    ``card`` (the run's model-card facts) and this step's score.
 
     An evaluation that fails never loses the run: every rank learns of it, ``save(step)``
     writes a checkpoint, then EvalFailed is raised on every rank."""
@@ -592,7 +597,8 @@ def maybe_eval(cfg, acc, model, state, log, out_dir: Path, step: int, save=None)
     if score > state.best_dev:
         state.best_dev = score
         if cfg.save_best:
-            export(acc, model, out_dir / "best", cfg.export_dtype)
+            best_card = {**card, "step": step, "stsb_dev": score, "best_stsb_dev": score} if card else None
+            export(acc, model, out_dir / "best", cfg.export_dtype, card=best_card)
 
 
 def parameter_digest(model) -> str | None:
@@ -607,12 +613,14 @@ def parameter_digest(model) -> str | None:
     return h.hexdigest()
 
 
-def export(acc, model, out_dir: Path, dtype: str = "fp32") -> None:
+def export(acc, model, out_dir: Path, dtype: str = "fp32", card: dict | None = None) -> None:
     """Write an AutoModel + SentenceTransformer folder in ``dtype`` from the fp32 (master)
-    weights, consolidating ZeRO partitions (a collective: every rank calls it)."""
+    weights, consolidating ZeRO partitions (a collective: every rank calls it), with a model
+    card from ``card``. A LoRA run writes its adapter merged into plain weights (or its
+    adapter folder: ``lora_export``)."""
     from .export import export_trained
 
-    export_trained(acc, model, out_dir, dtype)  # a LoRA run: merged into plain weights (or its adapter folder)
+    export_trained(acc, model, out_dir, dtype, card=card)
 
 
 def write_summary(cfg: TrainConfig, out_dir: Path, state: TrainState, steps: int, world_size: int) -> dict | None:

@@ -1,0 +1,204 @@
+"""What the benchmarks share: paths and the data-dir setting, random BERTs, the product's Trainer
+set up to time its step, round-robin timing, /proc memory, the CLI in a subprocess, result files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # the scripts run as files: python bench/NAME.py
+
+from hncse_dist.launcher import free_port  # noqa: E402,F401  (one home for free ports)
+from tests.fixtures import MINILM  # noqa: E402,F401  (the packaged all-MiniLM-L6-v2)
+
+RESULTS = REPO_ROOT / "bench" / "results"
+WIKI_SAMPLE = REPO_ROOT / "hncse_dist" / "resources" / "wiki_sample.txt"  # packaged 30k sentences
+
+
+def data_root() -> Path:
+    """The one data-dir setting (tests/datadir.py, which needs pytest): $HNCSE_DATA_DIR, else ../shared/data."""
+    from tests import datadir
+
+    return datadir.data_root()
+
+
+def corpus() -> Path:
+    return data_root() / "corpus" / "wiki_en_sentences.txt"
+
+
+def parser(doc: str | None, output: str | None = None) -> argparse.ArgumentParser:
+    """The docstring's first paragraph as description; ``--output`` under bench/results/."""
+    p = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
+    if output is not None:
+        p.add_argument("--output", type=Path, default=RESULTS / output)
+    return p
+
+
+def need_file(path: Path, fix: str = "set HNCSE_DATA_DIR or pass --corpus") -> None:
+    if not Path(path).is_file():
+        print(f"error: {Path(path).name} not found: {path} ({fix})", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def cpu_only(device: str = "cpu") -> None:
+    """Hide GPUs for a CPU measurement (the Trainer takes a GPU when it sees one); refuse a missing CUDA."""
+    import torch
+
+    if device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    elif not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA device is visible", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def random_bert(out: Path, hidden: int, layers: int) -> str:
+    """A random BERT (seed 0, MiniLM's tokenizer, hidden/64 heads, FFN 4 x hidden, no pooler) saved to ``out``."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    if not (Path(out) / "config.json").is_file():
+        tok = AutoTokenizer.from_pretrained(MINILM)
+        torch.manual_seed(0)
+        BertModel(BertConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers,
+                             num_attention_heads=max(1, hidden // 64), intermediate_size=4 * hidden),
+                  add_pooling_layer=False).save_pretrained(out)
+        tok.save_pretrained(out)
+    return str(out)
+
+
+def shards_of(sentences: list[str], out: Path) -> str:
+    """``sentences`` as a folder of shards, the form the Trainer reads."""
+    from hncse_dist.data import write_shards
+
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "sentences.txt").write_text("\n".join(sentences) + "\n", encoding="utf-8")
+    write_shards([str(Path(out) / "sentences.txt")], str(Path(out) / "shards"), 10_000, progress=False)
+    return str(Path(out) / "shards")
+
+
+def bench_trainer(out_dir: Path, **overrides):
+    """The product's ``Trainer`` with every part a run has, minus evaluation, logs, checkpoints
+    and progress bar: ``trainer.train_step`` is the step a training run takes."""
+    from hncse_dist.config import TrainConfig
+    from hncse_dist.train import Trainer
+
+    cfg = dict(output_dir=str(out_dir), max_steps=10**6, num_workers=0, eval_file=None, save_every=0, save_best=False,
+               log_every=10**9, report_to="none", progress=False, overwrite=True, peak_flops=1.0)
+    return Trainer(TrainConfig(**{**cfg, **overrides}))
+
+
+def train_step(trainer, group) -> float:
+    """One ``trainer.train_step(group)``; returns its mean loss (one host read) and empties the metrics window."""
+    if not trainer.train_step(group).stepped:
+        raise FloatingPointError(f"non-finite loss ({trainer.cfg.objective})")
+    loss = float(trainer.window.sums["loss"]) / trainer.window.micro
+    trainer.window.reset()
+    return loss
+
+
+def loader_batch(tokenizer, sentences: list[str], max_length: int) -> dict:
+    """A batch as the data loader's workers build it (``Trainer.micro_batch`` takes it)."""
+    from hncse_dist.bank import sentence_keys
+
+    f = tokenizer(sentences, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+    ids, mask = f["input_ids"].long(), f["attention_mask"].long()
+    return {"input_ids": ids, "attention_mask": mask, "sentence_keys": sentence_keys(ids, mask),
+            "tokens": int(mask.sum())}
+
+
+def sync(device) -> None:
+    import torch
+
+    if torch.device(device).type == "cuda":  # CUDA runs asynchronously: wait before reading the clock
+        torch.cuda.synchronize()
+
+
+def rounds(steps: dict, warmup: int, timed: int, after_round=None, log: bool = True):
+    """(seconds, return values) per step over ``timed`` rounds after ``warmup``; one call of each
+    step per round, the first one rotating, so a shared machine's load hits them alike. Steps
+    sync the device themselves; ``after_round(timed)`` runs after each round."""
+    times, values = {n: [] for n in steps}, {n: [] for n in steps}
+    names = list(steps)
+    for r in range(warmup + timed):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            start = time.perf_counter()
+            value = steps[name]()
+            if r >= warmup:
+                times[name].append(time.perf_counter() - start)
+                values[name].append(value)
+        if after_round is not None:
+            after_round(r >= warmup)
+        if log:
+            print(f"round {r + 1}/{warmup + timed} ({'timed' if r >= warmup else 'warm-up'}), "
+                  f"load {os.getloadavg()[0]:.1f}", flush=True)
+    return times, values
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def paired(a: list[float], b: list[float]) -> tuple[float, float]:
+    """a / b: (median of the per-round ratios, ratio of the fastest of each; other jobs only add time)."""
+    return median([x / y for x, y in zip(a, b)]), min(a) / min(b)
+
+
+def rss_mb(pid: int) -> float | None:
+    """Resident set in MB as metrics.memory_gb counts on CPU (kB / 1000)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((int(line.split()[1]) / 1000 for line in f if line.startswith("VmRSS:")), None)
+    except OSError:
+        return None
+
+
+def descendants(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+    return kids + [g for k in kids for g in descendants(k)]
+
+
+def env(threads: int | None = None) -> dict:
+    """A subprocess's environment: this checkout's code, no hub, no tokenizer threads."""
+    return dict(os.environ, PYTHONPATH=str(REPO_ROOT), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+                TRANSFORMERS_OFFLINE="1", **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+
+
+def cli(*args: str, timeout: float | None = None, threads: int | None = None) -> subprocess.CompletedProcess:
+    """``hncse-dist ARGS`` with this interpreter, output captured."""
+    return subprocess.run([sys.executable, "-m", "hncse_dist.cli", *args], cwd=REPO_ROOT, env=env(threads),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def machine() -> dict:
+    import torch
+
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "load_avg": os.getloadavg(),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def md_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]) + "\n"
+
+
+def write(output: Path, result: dict, table: str | None = None) -> None:
+    """The JSON (and the Markdown table beside it); prints the table, else the JSON."""
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(result, indent=2, default=str) + "\n"
+    Path(output).write_text(text, encoding="utf-8")
+    if table is not None:
+        Path(output).with_suffix(".md").write_text(table, encoding="utf-8")
+    print(table if table is not None else text)
