@@ -57,7 +57,10 @@ def _train(argv: list[str]) -> int:
         from .launcher import launch
 
         try:  # one error line from the launcher, not one per process
-            check_model_setup(cfg.model_name_or_path, cfg.pooler, cfg.dropout, cfg.append_eos, cfg.padding_side)
+            from .lora import LoraSettings
+
+            check_model_setup(cfg.model_name_or_path, cfg.pooler, cfg.dropout, cfg.append_eos, cfg.padding_side,
+                              lora=LoraSettings.from_config(cfg))
         except ModelSetupError as err:
             print(f"hncse-dist train: error: {err}", file=sys.stderr)
             return 2

@@ -14,6 +14,7 @@ import yaml
 
 from .encoder import POOLERS
 from .families import APPEND_EOS, PADDING_SIDES
+from .lora import LORA_EXPORTS, PeftMissing, parse_targets, require_peft
 from .objective import ObjectiveConfig
 
 PRECISIONS = ("no", "fp32", "bf16", "fp16")
@@ -43,6 +44,20 @@ class TrainConfig(ObjectiveConfig):
     # Padding-free forward for BERT-family backbones (hncse_dist/packed.py): same numbers as the
     # model's own forward, without the FLOPs of padded positions; other models ignore it.
     packed_forward: bool = True
+    # LoRA (hncse_dist/lora.py, needs: pip install hncse-dist[lora]): rank of the low-rank adapters
+    # added to the backbone's attention and MLP linear layers, whose weights are then frozen (the
+    # cls pooler's MLP head stays fully trainable). 0: off, full fine-tuning.
+    lora_r: int = 0
+    lora_alpha: float = 16.0  # the adapter's update is scaled by lora_alpha / lora_r
+    lora_dropout: float = 0.0  # dropout on the adapter's input (the backbone's own dropout makes the two views)
+    # Layers to adapt, by module name (a list, or comma-separated): null = the family's attention and
+    # MLP linears: query,key,value,dense (BERT, RoBERTa, XLM-R); q_proj,k_proj,v_proj,o_proj,gate_proj,
+    # up_proj,down_proj (Llama, Mistral, Qwen2); README lists the others; unknown families: every linear layer
+    lora_target_modules: str | list | None = None
+    # What best/ and final/ hold for a LoRA run: merged = a plain model (adapter merged into the weights;
+    # AutoModel, SentenceTransformer) | adapter = peft's adapter folder only (the base model is named,
+    # not copied) | both = the merged model plus the adapter folder in its adapter/ subfolder
+    lora_export: str = "merged"
     # data
     train_file: str | None = None  # one sentence per line (plain or .gz); converted to shards once
     # A folder written by 'hncse-dist shards', a brace pattern of paths or URLs
@@ -127,6 +142,16 @@ class TrainConfig(ObjectiveConfig):
             raise ConfigError(f"padding_side={self.padding_side!r}: use left, right or null (the tokenizer's own)")
         if self.mixed_precision not in PRECISIONS:
             raise ConfigError(f"mixed_precision={self.mixed_precision!r}: use one of no, bf16, fp16")
+        if self.lora_export not in LORA_EXPORTS:
+            raise ConfigError(f"lora_export={self.lora_export!r}: use one of {', '.join(LORA_EXPORTS)}")
+        if self.lora_r > 0:
+            try:
+                require_peft(self.lora_r)
+            except PeftMissing as err:
+                raise ConfigError(str(err)) from None
+            if not parse_targets(self.lora_target_modules) and self.lora_target_modules is not None:
+                raise ConfigError("lora_target_modules names no module: give names (query,value) or null "
+                                  "for the model family's defaults")
         if self.export_dtype not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"export_dtype={self.export_dtype!r}: use one of fp32, bf16, fp16")
         if self.train_file is None and self.train_shards is None:
@@ -399,6 +424,9 @@ RANGES: dict[str, Range] = {
     "shard_retry_delay": Range(0, integer=False, note="seconds before the first retry, doubling"),
     "dist_timeout_minutes": Range(0, lo_open=True, integer=False, note="a collective waits this long for a lost rank"),
     "dropout": Range(0, 1, hi_open=True, integer=False, null="the model's own dropout"),
+    "lora_r": Range(0, note="0: no LoRA, full fine-tuning"),
+    "lora_alpha": Range(0, lo_open=True, integer=False, note="the adapter's update is scaled by lora_alpha / lora_r"),
+    "lora_dropout": Range(0, 1, hi_open=True, integer=False),
 }
 
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from .families import (ModelSetupError, check_pooler, is_causal, model_name, prepare_tokenizer,  # noqa: F401
                        require_dropout, set_dropout)
+from .lora import LoraSettings, adapter_base, apply_lora, lora_note, merge_adapter_folder
 from .packed import Packing, packed_forward, right_padded, supports_packing
 from .st_modules import model_max_length, needs_hidden_states, patch_json, st_layout
 from .st_modules import write_sentence_transformers_files as st_write
@@ -60,10 +61,10 @@ def check_model_path(path: str) -> None:
 
 
 def check_model_setup(name_or_path: str, pooler: str, dropout: float | None = None, append_eos: str = "auto",
-                      padding_side: str | None = None) -> None:
-    """Start-up checks of a training run (pooler, tokenizer, dropout: ModelSetupError) without
-    loading the weights: the model is built on the meta device. Lets the launcher refuse a
-    bad setup once, before it starts the processes."""
+                      padding_side: str | None = None, lora: LoraSettings | None = None) -> None:
+    """Start-up checks of a training run (pooler, tokenizer, dropout, LoRA target modules:
+    ModelSetupError) without loading the weights: the model is built on the meta device. Lets
+    the launcher refuse a bad setup once, before it starts the processes."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     path = resolve_model_path(name_or_path)
@@ -73,6 +74,8 @@ def check_model_setup(name_or_path: str, pooler: str, dropout: float | None = No
         set_dropout(config, dropout)
     with torch.device("meta"):
         backbone = AutoModel.from_config(config)
+        if lora is not None:
+            apply_lora(backbone, lora)
     Encoder(backbone, AutoTokenizer.from_pretrained(path), pooler=pooler, append_eos=append_eos,
             padding_side=padding_side)
     require_dropout(backbone, dropout)
@@ -133,6 +136,7 @@ class Encoder(nn.Module):
         self.tokenizer = tokenizer
         self.pooler = pooler
         self.mlp_only_train = mlp_only_train
+        self.lora: LoraSettings | None = None  # set by from_pretrained(lora=...): adapters in the backbone
         self.causal = is_causal(backbone)
         if self.causal and getattr(backbone.config, "use_cache", False):
             backbone.config.use_cache = False  # no key/value cache: one forward per batch, no generation
@@ -149,20 +153,25 @@ class Encoder(nn.Module):
     def from_pretrained(
         cls, name_or_path: str, pooler: str | None = "cls", mlp_only_train: bool = True, packed: bool = True,
         dropout: float | None = None, append_eos: str = "auto", padding_side: str | None = None,
-        **model_kwargs,
+        lora: LoraSettings | None = None, **model_kwargs,
     ) -> "Encoder":
         """``pooler=None``: the saved folder's pooler, else ``last`` for causal models and ``cls``
         for the others. ``dropout``: None keeps the model's own, a float sets every backbone
-        dropout key of its config (``families.set_dropout``)."""
+        dropout key of its config (``families.set_dropout``). ``lora``: inject LoRA adapters
+        into the backbone and freeze its weights (``hncse_dist.lora``; the head stays
+        trainable). A LoRA adapter folder (``lora_export: adapter``) loads as its base model
+        with the adapter merged."""
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         path = resolve_model_path(name_or_path)
-        check_model_path(path)
+        adapter_of = adapter_base(path)  # an adapter-only folder: the weights come from its base model
+        weights_path = resolve_model_path(adapter_of) if adapter_of else path
+        check_model_path(weights_path)
         saved = Path(path) / ENCODER_CONFIG_FILE
         if saved.is_file() and pooler is None:
             meta = json.loads(saved.read_text())
             pooler, mlp_only_train = meta["pooler"], meta["mlp_only_train"]
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(weights_path)
         dropout_keys = set_dropout(config, dropout) if dropout is not None else []
         from transformers.utils import logging as hf_logging
 
@@ -171,17 +180,23 @@ class Encoder(nn.Module):
         hf_logging.disable_progress_bar()  # a "Loading weights" bar per process is noise in run logs
         try:
             # BERT's pooler is never used here and would leave DDP with unused parameters.
-            backbone = AutoModel.from_pretrained(path, config=config, add_pooling_layer=False, **model_kwargs)
+            backbone = AutoModel.from_pretrained(weights_path, config=config, add_pooling_layer=False, **model_kwargs)
         except TypeError:
-            backbone = AutoModel.from_pretrained(path, config=config, **model_kwargs)
+            backbone = AutoModel.from_pretrained(weights_path, config=config, **model_kwargs)
         finally:
             hf_logging.set_verbosity(verbosity)
             if bars:
                 hf_logging.enable_progress_bar()
+        if adapter_of:
+            backbone = merge_adapter_folder(backbone, path)
+        lora_layers = apply_lora(backbone, lora) if lora is not None else None
         tokenizer = AutoTokenizer.from_pretrained(path)
         pooler = pooler or ("last" if is_causal(backbone) else "cls")
         enc = cls(backbone, tokenizer, pooler=pooler, mlp_only_train=mlp_only_train, packed=packed,
                   append_eos=append_eos, padding_side=padding_side)
+        enc.lora = lora
+        if lora_layers is not None:
+            enc.notes.insert(0, lora_note(lora, backbone, lora_layers))
         if dropout_keys:
             enc.notes.insert(0, f"dropout={dropout}: set {', '.join(dropout_keys)} of {model_name(backbone)}")
         head_file = Path(path) / HEAD_FILE
@@ -296,7 +311,7 @@ class Encoder(nn.Module):
         """
         from .model_card import check
 
-        card = check(card)
+        check(card)  # a bad card fails before anything is written
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         if state_dict is None:
@@ -312,6 +327,18 @@ class Encoder(nn.Module):
         hidden_states = needs_hidden_states(self.pooler)
         if hidden_states or getattr(self.backbone.config, "output_hidden_states", False):
             patch_json(out / "config.json", output_hidden_states=hidden_states)
+        self.save_companion_files(out, state_dict, max_seq_length, card)
+
+    def save_companion_files(self, out_dir: str | os.PathLike, state_dict: dict, max_seq_length: int | None = None,
+                             card: dict | None = None, st_library: bool = True) -> None:
+        """What ``save_pretrained`` writes beside the backbone: tokenizer, pooler record, head,
+        SentenceTransformer modules and model card (a LoRA adapter folder has these and no
+        backbone: its base model supplies the weights). ``st_library``: re-save the
+        SentenceTransformer files through the installed library (``st_modules``)."""
+        from .model_card import check
+
+        card = check(card)
+        out = Path(out_dir)
         self.tokenizer.save_pretrained(out)
         max_seq_length = max_seq_length or model_max_length(self.backbone, self.tokenizer)
         # transformers 5 does not write a padding side set after loading (families.prepare_tokenizer)
@@ -324,17 +351,18 @@ class Encoder(nn.Module):
             json.dumps({"pooler": self.pooler, "mlp_only_train": self.mlp_only_train}, indent=2)
         )
         write_sentence_transformers_files(out, self.pooler, self.backbone.config, max_seq_length,
-                                          head_sd if not self.mlp_only_train else None, card)
+                                          head_sd if not self.mlp_only_train else None, card, st_library)
 
 
 def write_sentence_transformers_files(out: Path, pooler: str, config, max_seq_length: int,
-                                      head_sd: dict | None, card: dict | None = None) -> None:
+                                      head_sd: dict | None, card: dict | None = None,
+                                      use_library: bool = True) -> None:
     """modules.json and the modules of ``pooler`` (+ the Dense head when evaluation uses it)
     for SentenceTransformer(path), and the README.md model card (``hncse_dist.st_modules``)."""
     from . import model_card
 
     layout = st_layout(pooler, config.hidden_size, config.num_hidden_layers, max_seq_length, head_sd or None)
-    st_write(out, layout)
+    st_write(out, layout, use_library=use_library)
     (out / "README.md").write_text(model_card.render(
         card, pooler=pooler, hidden=config.hidden_size, max_seq_length=max_seq_length,
         layout=[m.kind for m in layout], name_or_path=getattr(config, "_name_or_path", "") or str(out),

@@ -11,7 +11,8 @@ import torch
 
 from .checkpoint import MARKER, marker_record
 from .encoder import ENCODER_CONFIG_FILE, Encoder
-from .st_modules import ROOT_CONFIG
+from .lora import ADAPTER_SUBFOLDER, LoraSettings, adapter_base, base_model_reference, merge_lora_state, write_adapter
+from .st_modules import ROOT_CONFIG, needs_hidden_states, patch_json
 
 
 def _checkpoint_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -76,7 +77,7 @@ def export_any(source: str, output: str, pooler: str | None = None) -> Path:
     src = Path(source)
     if not src.exists():
         raise FileNotFoundError(f"{source} does not exist: pass a model folder or OUT/checkpoints/step-N")
-    if (src / "config.json").is_file() and not (src / MARKER).is_file():
+    if ((src / "config.json").is_file() or adapter_base(src)) and not (src / MARKER).is_file():
         if pooler is None and not (src / ENCODER_CONFIG_FILE).is_file():
             pooler = "cls_before_pooler"
         enc = Encoder.from_pretrained(str(src), pooler=pooler)
@@ -86,15 +87,16 @@ def export_any(source: str, output: str, pooler: str | None = None) -> Path:
     from .checkpoint import check_files
 
     check_files(src)  # DeepSpeed's consolidation unpickles its files in full: plain data only
+    lora = LoraSettings.from_config(run)  # a LoRA run: the same adapters, so that the keys match
     enc = Encoder.from_pretrained(run["model_name_or_path"], pooler or run["pooler"], run["mlp_only_train"],
                                   dropout=run.get("dropout"), append_eos=run.get("append_eos", "auto"),
-                                  padding_side=run.get("padding_side"))
+                                  padding_side=run.get("padding_side"), lora=lora)
     state = _checkpoint_state_dict(src)
     missing, unexpected = enc.load_state_dict(state, strict=False)
     if unexpected or [k for k in missing if not k.startswith("head.")]:
         raise ValueError(f"checkpoint does not match {run['model_name_or_path']}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    # The run's export_dtype, so that this equals the run's own best/ and final/ exports.
-    save_encoder(enc, output, {k: v.detach() for k, v in enc.state_dict().items()}, run.get("export_dtype", "fp32"),
+    # The run's export_dtype (and lora_export), so that this equals the run's own best/ and final/ exports.
+    write_export(enc, output, {k: v.detach() for k, v in enc.state_dict().items()}, run.get("export_dtype", "fp32"),
                  max_seq_length=run.get("max_seq_length"), card=checkpoint_card(src, run))
     return Path(output)
 
@@ -102,8 +104,10 @@ def export_any(source: str, output: str, pooler: str | None = None) -> Path:
 EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def master_state_dict(acc, model) -> dict[str, torch.Tensor] | None:
-    """The Encoder's state dict in fp32 on the main process (None elsewhere).
+def master_state_dict(acc, model, merge_lora: bool = True) -> dict[str, torch.Tensor] | None:
+    """The Encoder's state dict in fp32 on the main process (None elsewhere); with LoRA
+    adapters in the backbone, merged into plain weights (``lora.merge_lora_state``) unless
+    ``merge_lora`` is False.
 
     Under DeepSpeed the module holds bf16/fp16 copies (ZeRO-3: only partitions); the weights
     the optimizer updates are its fp32 master partitions, which ``safe_get_full_fp32_param``
@@ -113,9 +117,13 @@ def master_state_dict(acc, model) -> dict[str, torch.Tensor] | None:
     from accelerate.utils import DistributedType
 
     module = acc.unwrap_model(model)
+    lora = getattr(module, "lora", None)
     if acc.distributed_type != DistributedType.DEEPSPEED:
         state = acc.get_state_dict(model)
-        return {k: v.detach().cpu() for k, v in state.items()} if acc.is_main_process else None
+        if not acc.is_main_process:
+            return None
+        state = {k: v.detach().cpu() for k, v in state.items()}
+        return merge_lora_state(state, lora.scaling) if lora is not None and merge_lora else state
     from deepspeed.utils import safe_get_full_fp32_param
 
     out: dict[str, torch.Tensor] = {}
@@ -128,7 +136,9 @@ def master_state_dict(acc, model) -> dict[str, torch.Tensor] | None:
             full = t.detach()
         if acc.is_main_process:
             out[name] = full.detach().cpu()
-    return out if acc.is_main_process else None
+    if not acc.is_main_process:
+        return None
+    return merge_lora_state(out, lora.scaling) if lora is not None and merge_lora else out
 
 
 def _gathered_copy(param: torch.nn.Parameter) -> torch.Tensor:
@@ -169,3 +179,40 @@ def export_from_training(acc, model, out_dir: Path, dtype: str = "fp32", card: d
     if acc.is_main_process:
         save_encoder(acc.unwrap_model(model), out_dir, state, dtype, card=card)
     acc.wait_for_everyone()
+
+
+# ------------------------------------------------------------------------------ LoRA runs
+
+
+def export_trained(acc, model, out_dir: Path, dtype: str = "fp32", card: dict | None = None) -> None:
+    """``export_from_training`` for any encoder: a LoRA run writes what its ``lora_export``
+    asks for, the merged model (``merged``), peft's adapter folder (``adapter``) or both (the
+    adapter in ``out_dir/adapter``). Every rank calls it; the main process writes."""
+    state = master_state_dict(acc, model, merge_lora=False)
+    if acc.is_main_process:
+        write_export(acc.unwrap_model(model), out_dir, state, dtype, card=card)
+    acc.wait_for_everyone()
+
+
+def write_export(encoder: Encoder, out_dir: str | Path, state: dict[str, torch.Tensor], dtype: str = "fp32",
+                 max_seq_length: int | None = None, card: dict | None = None) -> None:
+    """``save_encoder`` of ``state`` (the encoder's fp32 state dict, adapters unmerged), or for a
+    LoRA encoder what its ``lora_export`` says: merged into plain weights, the adapter folder, both."""
+    lora = encoder.lora
+    if lora is None:
+        save_encoder(encoder, out_dir, state, dtype, max_seq_length=max_seq_length, card=card)
+        return
+    if lora.export in ("merged", "both"):
+        save_encoder(encoder, out_dir, merge_lora_state(state, lora.scaling), dtype, max_seq_length=max_seq_length,
+                     card=card)
+    if lora.export in ("adapter", "both"):
+        out = Path(out_dir) / ADAPTER_SUBFOLDER if lora.export == "both" else Path(out_dir)
+        write_adapter(out, state, lora, encoder.backbone, base_model_reference(encoder.backbone.config.name_or_path))
+        if max_seq_length is None and card and card.get("config"):
+            max_seq_length = card["config"].get("max_seq_length")
+        # sentence-transformers' own re-save would load base + adapter to write them again (and
+        # wants a newer peft than its loader does): its 3.x-format files are written directly.
+        encoder.save_companion_files(out, {k: v.float() for k, v in state.items() if k.startswith("head.")},
+                                     max_seq_length, card, st_library=False)
+        if needs_hidden_states(encoder.pooler):  # the base model's config does not output them
+            patch_json(out / ROOT_CONFIG, config_args={"output_hidden_states": True})

@@ -46,7 +46,12 @@ def supports_packing(backbone: nn.Module) -> bool:
         backbone.embeddings  # noqa: B018
     except (AttributeError, IndexError):
         return False
-    return all(isinstance(p, (nn.Linear, nn.LayerNorm)) for p in parts)
+    return all(isinstance(p, (nn.Linear, nn.LayerNorm)) or _adapted_linear(p) for p in parts)
+
+
+def _adapted_linear(module: nn.Module) -> bool:
+    """A linear layer wrapped by an adapter (peft's LoRA: ``base_layer`` + its own forward)."""
+    return isinstance(getattr(module, "base_layer", None), nn.Linear)
 
 
 def right_padded(mask: torch.Tensor) -> bool:
@@ -122,7 +127,7 @@ def _attention(layer: nn.Module, x: torch.Tensor, pk: Packing) -> torch.Tensor:
     def heads_view(t: torch.Tensor) -> torch.Tensor:
         return pk.unpack(t).view(pk.batch, pk.length, heads, dh).transpose(1, 2)
 
-    if _partitioned(att):
+    if _partitioned(att) or not all(isinstance(m, nn.Linear) for m in (att.query, att.key, att.value)):
         q, k, v = heads_view(att.query(x)), heads_view(att.key(x)), heads_view(att.value(x))
     else:  # one [T, 3h] matmul and one unpack instead of three
         w = torch.cat([att.query.weight, att.key.weight, att.value.weight])

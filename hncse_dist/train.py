@@ -23,6 +23,7 @@ from .config import ConfigError, TrainConfig, check_eval_file, startup_checks
 from .encoder import Encoder, ModelSetupError, require_dropout
 from .gather import all_ranks_agree, any_rank
 from .launch_env import setup_launch_env
+from .lora import LoraSettings
 from .metrics import (STSB_DEV_KEY, FlopsModel, MetricsLog, MetricsWindow, hparams_of, memory_gb, parse_report_to,
                       peak_flops, progress_line, release_free_memory, steady_rate)
 from .gradcache import cached_contrastive_step
@@ -266,8 +267,9 @@ class Trainer:
         self.flops_model = FlopsModel(self.encoder)
         self.peak = peak_flops(acc.device, cfg.mixed_precision, cfg.peak_flops)
         # The fused kernel (CPU and CUDA) is ~4x faster than the per-tensor loop on MiniLM (bench/throughput.py).
-        optimizer = torch.optim.AdamW(self.encoder.parameters(), lr=cfg.learning_rate,
-                                      weight_decay=cfg.weight_decay, fused=True)
+        # Only what trains (with LoRA: the adapters and the head; frozen weights get no AdamW state).
+        trainable = [p for p in self.encoder.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
         self.scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, self.steps)
         self.model, self.optimizer = acc.prepare(self.encoder, optimizer)
         # DeepSpeed takes its optimizer step inside backward: non-finite losses are decided
@@ -301,7 +303,8 @@ class Trainer:
         try:
             encoder = Encoder.from_pretrained(cfg.model_name_or_path, cfg.pooler, cfg.mlp_only_train,
                                               packed=cfg.packed_forward, dropout=cfg.dropout,
-                                              append_eos=cfg.append_eos, padding_side=cfg.padding_side)
+                                              append_eos=cfg.append_eos, padding_side=cfg.padding_side,
+                                              lora=LoraSettings.from_config(cfg))
             dropout_warning = require_dropout(encoder, cfg.dropout)
         except ModelSetupError as err:
             raise ConfigError(str(err)) from err
@@ -613,10 +616,11 @@ def parameter_digest(model) -> str | None:
 def export(acc, model, out_dir: Path, dtype: str = "fp32", card: dict | None = None) -> None:
     """Write an AutoModel + SentenceTransformer folder in ``dtype`` from the fp32 (master)
     weights, consolidating ZeRO partitions (a collective: every rank calls it), with a model
-    card from ``card``."""
-    from .export import export_from_training
+    card from ``card``. A LoRA run writes its adapter merged into plain weights (or its
+    adapter folder: ``lora_export``)."""
+    from .export import export_trained
 
-    export_from_training(acc, model, out_dir, dtype, card=card)
+    export_trained(acc, model, out_dir, dtype, card=card)
 
 
 def write_summary(cfg: TrainConfig, out_dir: Path, state: TrainState, steps: int, world_size: int) -> dict | None:

@@ -101,6 +101,10 @@ RANGE_CASES = {
                              "a number > 0 (a collective waits this long for a lost rank)"),
     "dropout": (["-0.1", "1", "1.5", "nan"], ["0", "0.1", "0.99", "null"],
                 "a number in [0, 1), or null for the model's own dropout"),
+    "lora_r": (["-1"], ["0", "8"], "an integer >= 0 (0: no LoRA, full fine-tuning)"),
+    "lora_alpha": (["0", "-16", "nan"], ["1", "32"],
+                   "a number > 0 (the adapter's update is scaled by lora_alpha / lora_r)"),
+    "lora_dropout": (["-0.1", "1", "nan"], ["0", "0.05"], "a number in [0, 1)"),
 }
 
 
