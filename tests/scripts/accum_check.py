@@ -6,13 +6,13 @@ rows of other micro-steps. So the accumulated gradient equals the single-process
 of mean_m loss(global micro-batch m), and differs from the loss of one big batch.
 """
 
-import json
 import sys
 
 import torch
 import torch.distributed as dist
 
 from hncse_dist.objective import hncse_loss
+from script_report import finish
 
 
 def encoder():
@@ -38,6 +38,7 @@ def main():
     for t in grads:
         dist.all_reduce(t)
         t /= world
+    report = None
     if rank == 0:
         ref = encoder()
         sum(hncse_loss(ref(x1[m]), ref(x2[m]), objective, gather=False) for m in range(accum)).div(accum).backward()
@@ -49,10 +50,7 @@ def main():
             "differs_from_one_big_batch": any(
                 not torch.allclose(a, p.grad, rtol=1e-3, atol=1e-6) for a, p in zip(grads, big.parameters())),
         }
-        with open(out_path, "w") as f:
-            json.dump(report, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish(report, out_path)
 
 
 if __name__ == "__main__":

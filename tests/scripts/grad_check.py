@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from hncse_dist.objective import hncse_loss
+from script_report import finish
 
 torch.set_default_dtype(torch.float32)
 
@@ -71,6 +72,7 @@ def main():
     z2grads = [torch.empty_like(z2.grad) for _ in range(world)]
     dist.all_gather(z2grads, z2.grad / world)
 
+    report = None
     if rank == 0:
         ref = encoder()
         rz1 = ref(x1).detach().requires_grad_()
@@ -92,10 +94,7 @@ def main():
                 torch.allclose(g, p.grad, rtol=1e-5, atol=1e-7) for g, p in zip(grads, ref.parameters())
             ),
         }
-        with open(out_path, "w") as f:
-            json.dump(report, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish(report, out_path)
 
 
 if __name__ == "__main__":

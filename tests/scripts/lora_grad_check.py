@@ -7,7 +7,6 @@ SimCSE loss gathered across ranks, DDP's gradient averaging over gloo. Rank 0 wr
 relative error per tensor.
 """
 
-import json
 import sys
 
 import torch
@@ -17,6 +16,7 @@ from hncse_dist.encoder import Encoder
 from hncse_dist.lora import LoraSettings
 from hncse_dist.objective import HncseLoss, ObjectiveConfig
 from tests.fixtures import write_corpus
+from script_report import finish
 
 
 def build(path):
@@ -49,6 +49,7 @@ def main():
     simcse_loss(ddp, enc, mine).backward()  # gathers the other rank's candidates; DDP averages the gradients
     got = {n: p.grad.clone() for n, p in enc.named_parameters() if p.requires_grad}
     frozen_grads = [n for n, p in enc.named_parameters() if not p.requires_grad and p.grad is not None]
+    report = None
     if rank == 0:
         ref = build(model_path)
         simcse_loss(ref, ref, sentences, gather=False).backward()
@@ -56,10 +57,7 @@ def main():
         errors = {n: float((got[n] - want[n]).abs().max() / want[n].abs().max().clamp_min(1e-12)) for n in want}
         report = {"world": world, "names": sorted(want), "max_rel_err": errors,
                   "grad_norms": {n: float(want[n].norm()) for n in want}, "frozen_with_grad": frozen_grads}
-        with open(out_path, "w") as f:
-            json.dump(report, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish(report, out_path)
 
 
 if __name__ == "__main__":
