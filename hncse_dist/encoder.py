@@ -322,7 +322,15 @@ class Encoder(nn.Module):
             # transformers 5 may "revert" canonical names (LayerNorm.weight -> gamma) on save;
             # keep the names every loader understands.
             save_kwargs["save_original_format"] = False
-        self.backbone.save_pretrained(out, **save_kwargs)
+        from transformers.utils import logging as hf_logging
+
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # a "Writing model shards" bar per export is noise in run logs
+        try:
+            self.backbone.save_pretrained(out, **save_kwargs)
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
         # SentenceTransformer's Transformer hands on the hidden layers where the pooler reads them
         hidden_states = needs_hidden_states(self.pooler)
         if hidden_states or getattr(self.backbone.config, "output_hidden_states", False):
