@@ -47,7 +47,9 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from hncse_dist.encoder import Encoder  # noqa: E402
 from hncse_dist.eval.embed import EmbeddingTable  # noqa: E402
-from hncse_dist.eval.sts import STS_TASKS, STS_YEARS, load_sts_task, pair_similarities, score_sts, spearman  # noqa: E402
+from hncse_dist.eval.sts import (  # noqa: E402
+    STS_TASKS, STS_YEARS, load_sts_task, pair_similarities, score_sts, spearman,
+)
 from tests.datadir import data_root  # noqa: E402
 
 # ---------------------------------------------------------------- the two evaluators

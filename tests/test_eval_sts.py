@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -30,7 +32,7 @@ from hncse_dist.eval.sts import (
     sts_pair_counts,
 )
 
-from tests.datadir import data_dir, eval_tiny_bert, restore_torch_threads  # noqa: F401  (fixtures)
+from tests.datadir import REPO_ROOT, data_dir, eval_tiny_bert, restore_torch_threads  # noqa: F401  (fixtures)
 from tests.fixtures import HashEncoder
 
 EXPECTED_PAIRS = {
@@ -227,6 +229,22 @@ def test_fast_evaluator_spearman_equals_a_naive_one(eval_tiny_bert, data_dir, tm
         naive = stats.spearmanr(gold, cosines).statistic
         assert results["details"][name]["n"] == len(gold) == (300 if name == "STS12" else 150)
         assert abs(results[name] / 100 - naive) < 1e-6, name
+
+
+@pytest.mark.slow
+def test_eval_speed_bench_runs_and_its_evaluators_agree(eval_tiny_bert, data_dir, tmp_path):
+    out = tmp_path / "eval_speed.json"
+    # rounding a random model's cosines (all within 0.94-1.0) to 5 decimals makes many near
+    # ties, so its rounded-cosine Spearman is compared at 1e-5 here
+    proc = subprocess.run([sys.executable, "bench/eval_speed.py", "--model", str(eval_tiny_bert), "--threads", "1",
+                           "--repeats", "1", "--tolerance", "1e-5", "--output", str(out)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["sentences_encoded"] == {"ours": 26289, "naive": 2 * sum(EXPECTED_PAIRS.values())}
+    assert set(report["scores"]["ours"]) == set(STS_TASKS) | {"avg"}
+    assert max(report["max_abs_diff"]["score"].values()) < 1e-4
+    assert report["speedup_median"]["cpu"] > 0 and "| median wall s |" in proc.stdout
 
 
 # ---------------------------------------------------------------- end to end
