@@ -81,3 +81,33 @@ class NegativeBank:
         self.rows, self.filled, self.next = state["rows"], state["filled"], state["next"]
         self.embeddings = None if state["embeddings"] is None else state["embeddings"].to(device or "cpu")
         self.keys = None if state["keys"] is None else state["keys"].to(device or "cpu")
+
+
+class HardNegatives:
+    """The negative bank and the generator of hard-negative mixing's random draws: the state
+    HNM carries from step to step, saved and restored as one unit.
+
+    ``read_after``: optimizer steps before the bank is read (it fills from the start)."""
+
+    def __init__(self, batches: int, device: torch.device | str, seed: int, read_after: int = 0):
+        self.bank = NegativeBank(batches)
+        self.device = torch.device(device)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.read_after = read_after
+
+    @property
+    def active(self) -> bool:
+        return self.bank.batches > 0
+
+    def readable(self, step: int) -> bool:
+        return step >= self.read_after
+
+    def push(self, z: torch.Tensor, keys: torch.Tensor) -> None:
+        self.bank.push(z, keys)
+
+    def state_dict(self) -> dict:
+        return {"bank": self.bank.state_dict(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.bank.load_state_dict(state["bank"], device=self.device)
+        self.generator.set_state(state["generator"])

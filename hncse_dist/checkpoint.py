@@ -213,11 +213,26 @@ def _no_space(err: BaseException, folder: Path) -> bool:
 
 
 class Checkpointer:
-    def __init__(self, root: Path, accelerator, keep_last: int = 2, run_id: str | None = None):
+    """Writes and restores a run's checkpoints: Accelerate's model and optimizer state plus the
+    registered stateful parts (``states``: name -> object with ``state_dict()`` and
+    ``load_state_dict()``), saved and loaded symmetrically in every rank's own file.
+
+    It owns the policy too: a checkpoint is due every ``save_every`` steps and at the last
+    step (``due``); a preemption saves regardless; only the newest ``keep_last`` stay.
+    ``extras``: name -> callable whose value is written but not restored (e.g. a digest)."""
+
+    def __init__(self, root: Path, accelerator, states: dict | None = None, keep_last: int = 2,
+                 run_id: str | None = None, save_every: int = 0, extras: dict | None = None):
         self.root = Path(root)
         self.acc = accelerator
+        self.states = dict(states or {})
+        self.extras = dict(extras or {})
         self.keep_last = keep_last
         self.run_id = run_id
+        self.save_every = save_every
+
+    def due(self, step: int, last_step: int) -> bool:
+        return (self.save_every > 0 and step % self.save_every == 0) or step == last_step
 
     def _rank_file(self, path: Path, rank: int | None = None) -> Path:
         return path / rank_state_name(self.acc.process_index if rank is None else rank)
@@ -263,9 +278,11 @@ class Checkpointer:
 
         return check
 
-    def save(self, step: int, extra: dict) -> Path:
+    def save(self, step: int, extra: dict | None = None) -> Path:
         path = self.root / step_dir_name(step)
         ws = self.acc.num_processes
+        extra = {**{name: part.state_dict() for name, part in self.states.items()},
+                 **{name: value() for name, value in self.extras.items()}, **(extra or {})}
 
         def prepare():
             if self.acc.is_main_process:
@@ -329,4 +346,18 @@ class Checkpointer:
         if problem:
             raise CheckpointRefused(problem)
         self.acc.load_state(str(path))
-        return _load_rank_state(self._rank_file(path))
+        saved = _load_rank_state(self._rank_file(path))
+        if "negatives" in self.states and "negatives" not in saved and "bank" in saved:
+            saved["negatives"] = {"bank": saved["bank"], "generator": saved["generator"]}  # older layout
+        missing = [name for name in self.states if name not in saved]
+        if missing:
+            raise CheckpointRefused(f"refusing checkpoint {path}: it holds no {', '.join(missing)} state "
+                                    "(written by another version?)")
+        for name, part in self.states.items():
+            part.load_state_dict(saved[name])
+        return saved
+
+
+def marker_record(folder: Path) -> dict:
+    """What ``COMPLETE`` records of a complete checkpoint: step, world_size, run_id, time."""
+    return json.loads((Path(folder) / MARKER).read_text(encoding="utf-8"))

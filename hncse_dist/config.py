@@ -106,8 +106,11 @@ class TrainConfig(ObjectiveConfig):
     # Process-group timeout (every launch path, gloo and NCCL): a collective or the rendezvous
     # store waiting longer than this fails the rank instead of hanging the job.
     dist_timeout_minutes: float = 30.0
-    skip_nonfinite: bool = True  # skip a step whose loss is NaN/inf on any rank
+    skip_nonfinite: bool = True  # skip a step whose loss (or clipped gradient norm) is NaN/inf on any rank
     max_nonfinite_skips: int = 20  # stop (exit 1) after this many consecutive skipped steps
+    # Write a sha256 of the parameters into every rank's checkpoint file (equal digests: the ranks
+    # are in sync). A debug aid: it copies every parameter to the host at each checkpoint.
+    param_digest: bool = False
     progress: bool = True  # a progress bar on a terminal; without one, a line every log_every steps
     peak_flops: float = 0.0  # per-device peak FLOP/s for MFU (0: datasheet for known GPUs, measured on CPU)
 

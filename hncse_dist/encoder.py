@@ -25,6 +25,8 @@ from torch import nn
 from .families import (ModelSetupError, check_pooler, is_causal, model_name, prepare_tokenizer,  # noqa: F401
                        require_dropout, set_dropout)
 from .packed import Packing, packed_forward, right_padded, supports_packing
+from .st_modules import model_max_length, needs_hidden_states, patch_json, st_layout
+from .st_modules import write_sentence_transformers_files as st_write
 
 POOLERS = ("cls", "cls_before_pooler", "avg", "avg_first_last", "last")
 PACKAGED_MODEL_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2", "packaged")
@@ -103,8 +105,16 @@ def build_head(hidden: int, backbone: nn.Module) -> nn.Module:
     from transformers.integrations import deepspeed_config
 
     dtype = next(backbone.parameters()).dtype
-    with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(), dtype=dtype):
-        return nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh())
+    # No explicit dtype: zero.Init then takes it from the DeepSpeed config, as transformers'
+    # loader did for the backbone. (An explicit dtype is overridden on accelerators without
+    # fp16 support, DeepSpeed's CPU accelerator among them: the head came out bf16 in fp32 runs.)
+    with deepspeed.zero.Init(config_dict_or_path=deepspeed_config()):
+        head = nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh())
+    got = next(head.parameters()).dtype
+    if got != dtype:
+        raise ModelSetupError(f"ZeRO-3 built the MLP head in {got} but the backbone in {dtype}: DeepSpeed needs one "
+                              "dtype; use pooler=cls_before_pooler or avg, or report this DeepSpeed version")
+    return head
 
 
 DEFAULT_MAX_TOKENS = 4096  # token positions per evaluation batch (Encoder.encode)
@@ -356,11 +366,19 @@ class Encoder(nn.Module):
         return self(ids.to(device, non_blocking=True), mask.to(device, non_blocking=True),
                     packing=self.packing_for(mask, device))
 
-    def save_pretrained(self, out_dir: str | os.PathLike, state_dict: dict | None = None) -> None:
-        """Write a folder loadable by transformers.AutoModel and SentenceTransformer.
+    def save_pretrained(self, out_dir: str | os.PathLike, state_dict: dict | None = None,
+                        max_seq_length: int | None = None, card: dict | None = None) -> None:
+        """Write a folder loadable by transformers.AutoModel and SentenceTransformer, with a
+        README.md model card.
 
         ``state_dict`` (of this Encoder) lets a ZeRO-3 run pass consolidated weights.
+        ``max_seq_length``: where SentenceTransformer (and the saved tokenizer) cut inputs, the
+        run's max_seq_length; None: the model's limit (``st_modules.model_max_length``).
+        ``card``: the training run's facts for the model card (``hncse_dist.model_card``).
         """
+        from .model_card import check
+
+        card = check(card)
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         if state_dict is None:
@@ -372,45 +390,34 @@ class Encoder(nn.Module):
             # keep the names every loader understands.
             save_kwargs["save_original_format"] = False
         self.backbone.save_pretrained(out, **save_kwargs)
+        # SentenceTransformer's Transformer hands on the hidden layers where the pooler reads them
+        hidden_states = needs_hidden_states(self.pooler)
+        if hidden_states or getattr(self.backbone.config, "output_hidden_states", False):
+            patch_json(out / "config.json", output_hidden_states=hidden_states)
         self.tokenizer.save_pretrained(out)
+        max_seq_length = max_seq_length or model_max_length(self.backbone, self.tokenizer)
+        # transformers 5 does not write a padding side set after loading (families.prepare_tokenizer)
+        patch_json(out / "tokenizer_config.json", model_max_length=max_seq_length,
+                   padding_side=self.tokenizer.padding_side)
         head_sd = {k[len("head."):]: v for k, v in state_dict.items() if k.startswith("head.")}
         if head_sd:
             torch.save(head_sd, out / HEAD_FILE)
         (out / ENCODER_CONFIG_FILE).write_text(
             json.dumps({"pooler": self.pooler, "mlp_only_train": self.mlp_only_train}, indent=2)
         )
-        write_sentence_transformers_files(out, self.pooler, self.backbone.config.hidden_size,
-                                          head_sd if not self.mlp_only_train else None)
+        write_sentence_transformers_files(out, self.pooler, self.backbone.config, max_seq_length,
+                                          head_sd if not self.mlp_only_train else None, card)
 
 
-def write_sentence_transformers_files(out: Path, pooler: str, hidden: int, head_sd: dict | None) -> None:
-    """modules.json + pooling (+ Dense head when evaluation uses it) for SentenceTransformer(path)."""
-    modes = {"pooling_mode_cls_token": False, "pooling_mode_mean_tokens": False,
-             "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False,
-             "pooling_mode_weightedmean_tokens": False, "pooling_mode_lasttoken": False}
-    if pooler in ("cls", "cls_before_pooler"):
-        modes["pooling_mode_cls_token"] = True
-    elif pooler == "avg":
-        modes["pooling_mode_mean_tokens"] = True
-    elif pooler == "last":
-        modes["pooling_mode_lasttoken"] = True
-    else:
-        # sentence-transformers has no first+last average; the HF folder still loads.
-        return
-    modules = [
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-    ]
-    (out / "1_Pooling").mkdir(exist_ok=True)
-    (out / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": hidden, **modes}, indent=2))
-    if head_sd is not None:
-        dense = out / "2_Dense"
-        dense.mkdir(exist_ok=True)
-        (dense / "config.json").write_text(json.dumps({
-            "in_features": hidden, "out_features": hidden, "bias": True,
-            "activation_function": "torch.nn.modules.activation.Tanh"}, indent=2))
-        torch.save({"linear.weight": head_sd["0.weight"], "linear.bias": head_sd["0.bias"]},
-                   dense / "pytorch_model.bin")
-        modules.append({"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
-    (out / "modules.json").write_text(json.dumps(modules, indent=2))
-    (out / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 512, "do_lower_case": False}))
+def write_sentence_transformers_files(out: Path, pooler: str, config, max_seq_length: int,
+                                      head_sd: dict | None, card: dict | None = None) -> None:
+    """modules.json and the modules of ``pooler`` (+ the Dense head when evaluation uses it)
+    for SentenceTransformer(path), and the README.md model card (``hncse_dist.st_modules``)."""
+    from . import model_card
+
+    layout = st_layout(pooler, config.hidden_size, config.num_hidden_layers, max_seq_length, head_sd or None)
+    st_write(out, layout)
+    (out / "README.md").write_text(model_card.render(
+        card, pooler=pooler, hidden=config.hidden_size, max_seq_length=max_seq_length,
+        layout=[m.kind for m in layout], name_or_path=getattr(config, "_name_or_path", "") or str(out),
+        head_used=bool(head_sd)))

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import MARKER, marker_record
 from .encoder import ENCODER_CONFIG_FILE, Encoder
+from .st_modules import ROOT_CONFIG
 
 
 def _checkpoint_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -38,15 +40,47 @@ def _run_config(ckpt: Path) -> dict:
     return json.loads(cfg_file.read_text())
 
 
+def checkpoint_card(ckpt: Path, run: dict) -> dict:
+    """The model card of a checkpoint's export: the run's config, the checkpoint's step and
+    world size, and the STS-B dev scores the run logged up to that step."""
+    from .metrics import STSB_DEV_KEY
+
+    record = marker_record(ckpt)
+    card = {"config": run, "step": record.get("step"), "world_size": record.get("world_size")}
+    log = ckpt.parent.parent / "metrics.jsonl"
+    scores = {}
+    if log.is_file():
+        for line in log.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:  # a line torn by a killed run
+                continue
+            if STSB_DEV_KEY in rec and (card["step"] is None or rec.get("step", 0) <= card["step"]):
+                scores[rec.get("step")] = rec[STSB_DEV_KEY]
+    if scores:
+        card["best_stsb_dev"] = max(scores.values())
+        if card["step"] in scores:
+            card["stsb_dev"] = scores[card["step"]]
+    return card
+
+
+def _folder_max_seq_length(folder: Path) -> int | None:
+    """The max_seq_length an exported folder records (sentence-transformers 3's format), if any."""
+    config = folder / ROOT_CONFIG
+    if config.is_file():
+        return json.loads(config.read_text()).get("max_seq_length")
+    return None
+
+
 def export_any(source: str, output: str, pooler: str | None = None) -> Path:
     src = Path(source)
     if not src.exists():
         raise FileNotFoundError(f"{source} does not exist: pass a model folder or OUT/checkpoints/step-N")
-    if (src / "config.json").is_file() and not (src / "COMPLETE").is_file():
+    if (src / "config.json").is_file() and not (src / MARKER).is_file():
         if pooler is None and not (src / ENCODER_CONFIG_FILE).is_file():
             pooler = "cls_before_pooler"
         enc = Encoder.from_pretrained(str(src), pooler=pooler)
-        enc.save_pretrained(output)
+        enc.save_pretrained(output, max_seq_length=_folder_max_seq_length(src))
         return Path(output)
     run = _run_config(src)
     from .checkpoint import check_files
@@ -60,7 +94,8 @@ def export_any(source: str, output: str, pooler: str | None = None) -> Path:
     if unexpected or [k for k in missing if not k.startswith("head.")]:
         raise ValueError(f"checkpoint does not match {run['model_name_or_path']}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     # The run's export_dtype, so that this equals the run's own best/ and final/ exports.
-    save_encoder(enc, output, {k: v.detach() for k, v in enc.state_dict().items()}, run.get("export_dtype", "fp32"))
+    save_encoder(enc, output, {k: v.detach() for k, v in enc.state_dict().items()}, run.get("export_dtype", "fp32"),
+                 max_seq_length=run.get("max_seq_length"), card=checkpoint_card(src, run))
     return Path(output)
 
 
@@ -111,20 +146,26 @@ def cast_state_dict(state: dict[str, torch.Tensor], dtype: str) -> dict[str, tor
     return {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
 
 
-def save_encoder(encoder: Encoder, out_dir: str | Path, state: dict[str, torch.Tensor], dtype: str = "fp32") -> None:
+def save_encoder(encoder: Encoder, out_dir: str | Path, state: dict[str, torch.Tensor], dtype: str = "fp32",
+                 max_seq_length: int | None = None, card: dict | None = None) -> None:
     """``encoder.save_pretrained`` with ``state`` cast to ``dtype``; config.json names that dtype
-    (transformers writes the dtype of the module, bf16 under DeepSpeed, not of the weights saved)."""
-    encoder.save_pretrained(out_dir, state_dict=cast_state_dict(state, dtype))
+    (transformers writes the dtype of the module, bf16 under DeepSpeed, not of the weights saved).
+    ``max_seq_length``: None takes the card's run config's, else the model's limit; ``card``:
+    the model card's facts (``hncse_dist.model_card``)."""
+    if max_seq_length is None and card and card.get("config"):
+        max_seq_length = card["config"].get("max_seq_length")
+    encoder.save_pretrained(out_dir, state_dict=cast_state_dict(state, dtype), max_seq_length=max_seq_length, card=card)
     config_file = Path(out_dir) / "config.json"
     config = json.loads(config_file.read_text())
     config["dtype"] = str(EXPORT_DTYPES[dtype]).removeprefix("torch.")
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def export_from_training(acc, model, out_dir: Path, dtype: str = "fp32") -> None:
+def export_from_training(acc, model, out_dir: Path, dtype: str = "fp32", card: dict | None = None) -> None:
     """Write an AutoModel + SentenceTransformer folder from a training run, any ZeRO stage
-    (every rank calls it; the main process writes)."""
+    (every rank calls it; the main process writes). ``card``: the run's facts for the model
+    card; its ``config`` also gives the folder's max_seq_length."""
     state = master_state_dict(acc, model)
     if acc.is_main_process:
-        save_encoder(acc.unwrap_model(model), out_dir, state, dtype)
+        save_encoder(acc.unwrap_model(model), out_dir, state, dtype, card=card)
     acc.wait_for_everyone()

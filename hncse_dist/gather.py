@@ -80,3 +80,17 @@ def all_ranks_agree(flag: bool, device: torch.device | str = "cpu", how: str = "
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX if how == "any" else dist.ReduceOp.MIN)
     return bool(t.item() > 0)
+
+
+def any_rank(flags: torch.Tensor) -> list[bool]:
+    """Joint decision on several flags at once: flag i holds if it holds on any rank.
+
+    ``flags``: a small 1-d bool/float tensor on the communication device. One all-reduce
+    and ONE device-to-host read, whatever the number of flags (a training step's only sync)."""
+    t = flags.float().reshape(-1)
+    if world()[1] > 1:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    bits = torch.pow(2.0, torch.arange(t.numel(), device=t.device, dtype=torch.float32))
+    code = int(((t > 0).float() * bits).sum())
+    return [bool(code >> i & 1) for i in range(t.numel())]

@@ -9,7 +9,7 @@ splits the *encoder* work instead, in three steps:
    encoded in chunks of ``chunk_size`` sequences without autograd, recording the RNG state
    (CPU and, on GPU, the CUDA generator) before each chunk; the last chunk alone keeps its
    graph (``keep_last``), so it needs no second forward;
-2. ``loss_with_embedding_grads``: the loss (``hncse_loss`` through ``train.contrastive_step``:
+2. ``loss_with_embedding_grads``: the loss (``hncse_loss`` through ``step.contrastive_step``:
    cross-rank gather with gradient, PM, HNM, the bank) is computed once on those embeddings,
    made leaves of the graph; its backward yields d loss / d embeddings;
 3. ``reforward_with_replayed_rng``: the kept chunk is backpropagated, then every other chunk
@@ -32,6 +32,8 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+
+from .step import contrastive_step
 
 
 @dataclass
@@ -158,20 +160,19 @@ class GradCache:
 def cached_contrastive_step(model, ids, mask, loss_fn, bank=None, generator=None,
                             read_bank: bool = True, chunk_size: int = 64, packing_for=None,
                             cpu_mask: torch.Tensor | None = None, replay_rng: bool = True,
-                            keep_last: bool = True):
-    """``train.contrastive_step`` with GradCache (``loss_fn``: an HncseLoss or an objective
+                            keep_last: bool = True, keys: torch.Tensor | None = None):
+    """``step.contrastive_step`` with GradCache (``loss_fn``: an HncseLoss or an objective
     name): same arguments and returns (loss, z1, z2,
     to_push, stats), same values; the encoder runs in chunks of ``chunk_size`` sequences
     (of the 2N: each sentence is two) and ``loss.backward()`` (or ``accelerator.backward``)
     fills the parameter gradients by re-encoding the chunks with the same dropout masks."""
-    from .train import contrastive_step
-
     cache = GradCache(model, chunk_size, packing_for=packing_for, replay_rng=replay_rng, keep_last=keep_last)
     views = (ids.repeat(2, 1), mask.repeat(2, 1))
     emb = cache.embed_without_grad(*views, cpu_mask=None if cpu_mask is None else cpu_mask.repeat(2, 1))
 
     def loss_on(cached):
         # contrastive_step's loss on the cached embeddings: its "model" hands them back.
-        return contrastive_step(lambda *a, **k: cached, ids, mask, loss_fn, bank, generator, read_bank=read_bank)
+        return contrastive_step(lambda *a, **k: cached, ids, mask, loss_fn, bank, generator, read_bank=read_bank,
+                                keys=keys)
 
     return cache.loss_with_embedding_grads(emb, loss_on)

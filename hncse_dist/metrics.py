@@ -192,3 +192,57 @@ def release_free_memory() -> None:
 
 
 _MALLOC_TRIM = None
+
+
+class MetricsWindow:
+    """What happened since the last log line, and when logging and evaluation fall due.
+
+    Per micro-step the trainer adds the loss and the objective's statistics (device tensors:
+    no host sync) and the batch's real tokens and FLOPs (host numbers from the data loader);
+    ``values`` turns a window into one record (means over its micro-steps, averaged over
+    ranks, rates over its training time). Evaluation and checkpoints are not training time:
+    ``restart_clock`` after them."""
+
+    def __init__(self, log_every: int, eval_every: int, total_steps: int):
+        self.log_every, self.eval_every, self.total = max(1, log_every), eval_every, total_steps
+        self.reset()
+
+    def reset(self) -> None:
+        self.start = time.perf_counter()
+        self.steps = self.micro = self.tokens = 0
+        self.flops = 0.0
+        self.sums: dict[str, torch.Tensor | float] = {}
+
+    def restart_clock(self) -> None:
+        """Called between steps after non-training work: the window counts training time only."""
+        if self.steps == 0:
+            self.reset()
+
+    def add(self, loss: torch.Tensor, stats: dict, tokens: int, flops: float) -> None:
+        for k, v in stats.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.sums["loss"] = self.sums.get("loss", 0.0) + loss.detach()
+        self.micro += 1
+        self.tokens += tokens
+        self.flops += flops
+
+    def log_due(self, step: int) -> bool:
+        return step % self.log_every == 0 or step == self.total
+
+    def eval_due(self, step: int) -> bool:
+        return (self.eval_every > 0 and step % self.eval_every == 0) or step == self.total
+
+    def values(self, acc, sentences_per_micro: int, peak: float | None) -> dict:
+        """The window's record: every rank calls it (the statistics are averaged over ranks)."""
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        micro = max(self.micro, 1)
+        out = {k: float(acc.reduce(torch.as_tensor(v, device=acc.device) / micro, "mean"))
+               for k, v in sorted(self.sums.items())}
+        out["sentences_per_s"] = self.micro * sentences_per_micro / elapsed
+        out["tokens_per_s"] = self.tokens * acc.num_processes / elapsed
+        if peak:
+            out["mfu"] = self.flops / elapsed / peak
+        return out
+
+    def eta_s(self, step: int) -> float:
+        return (self.total - step) * (time.perf_counter() - self.start) / max(self.steps, 1)

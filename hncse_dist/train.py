@@ -10,23 +10,25 @@ import math
 import os
 import signal
 import sys
-import time
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
-from .bank import NegativeBank, sentence_keys
+from .bank import HardNegatives
 from .checkpoint import Checkpointer
 from .config import ConfigError, TrainConfig, check_eval_file, startup_checks
 from .encoder import Encoder, ModelSetupError, require_dropout
-from .gather import all_ranks_agree
+from .gather import all_ranks_agree, any_rank
 from .launch_env import setup_launch_env
-from .metrics import (STSB_DEV_KEY, FlopsModel, MetricsLog, hparams_of, memory_gb, parse_report_to, peak_flops,
-                      progress_line, release_free_memory, steady_rate)
+from .metrics import (STSB_DEV_KEY, FlopsModel, MetricsLog, MetricsWindow, hparams_of, memory_gb, parse_report_to,
+                      peak_flops, progress_line, release_free_memory, steady_rate)
 from .gradcache import cached_contrastive_step
-from .objective import HncseLoss, ObjectiveConfig, alignment, uniformity
+from .objective import HncseLoss, alignment, uniformity
 from .rundir import refuse_foreign_run
+from .step import contrastive_step  # noqa: F401  (also imported from here)
 from .runlock import claim_output_dir, drop_records_after
 
 REQUEUE_EXIT_CODE = 75  # "checkpointed after a preemption signal: requeue me" (EX_TEMPFAIL)
@@ -80,6 +82,38 @@ class PreemptionFlag:
         return "Ctrl-C" if self.raised == signal.SIGINT else "preemption signal"
 
 
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
+def adopt_launcher_deepspeed(cfg: TrainConfig) -> str | None:
+    """One source of truth for DeepSpeed when ``accelerate launch --config_file`` started the
+    run: an Accelerate config with DeepSpeed sets ACCELERATE_USE_DEEPSPEED in the environment,
+    which Accelerate would pick up behind the trainer's back (the micro-batch, ZeRO-3
+    evaluation on every rank and the fp32 export would be skipped). Its DeepSpeed config file
+    becomes ``cfg.deepspeed``; a DeepSpeed set up without a file, or a file other than the
+    run's ``deepspeed=``, is refused. Returns a line to print when the file was adopted."""
+    if not _env_true("ACCELERATE_USE_DEEPSPEED"):
+        return None
+    file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "").strip()
+    file = None if file.lower() in ("", "none") else file
+    if file is None:
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "?")
+        raise ConfigError(
+            f"accelerate launch set up DeepSpeed (ZeRO stage {stage}) from its own config fields, which the "
+            "trainer does not read: point the accelerate config's deepspeed_config_file at a DeepSpeed JSON "
+            "(ds_configs/zero2.json) or pass deepspeed=ds_configs/zero2.json and launch without DeepSpeed "
+            "in the accelerate config")
+    if not Path(file).is_file():
+        raise ConfigError(f"accelerate launch names deepspeed_config_file={file}, which does not exist")
+    if cfg.deepspeed is not None and Path(cfg.deepspeed).resolve() != Path(file).resolve():
+        raise ConfigError(f"two DeepSpeed configs: deepspeed={cfg.deepspeed} and accelerate launch's "
+                          f"deepspeed_config_file={file}: keep one")
+    adopted = cfg.deepspeed is None
+    cfg.deepspeed = file
+    return f"DeepSpeed config from accelerate launch: deepspeed={file}" if adopted else None
+
+
 def make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, InitProcessGroupKwargs
@@ -121,29 +155,6 @@ def make_accelerator(cfg: TrainConfig):
             "launch with 'hncse-dist train --nproc-per-node N' or torchrun"
         )
     return acc
-
-
-def contrastive_step(model, ids, mask, loss_fn: HncseLoss | str, bank: NegativeBank | None = None,
-                     generator: torch.Generator | None = None, read_bank: bool = True, packing=None):
-    """Loss of one (micro-)batch: ONE forward over both dropout views (2N sequences), then
-    the objective across ranks. ``bank`` is read as HNM candidates if ``read_bank`` (False
-    during its warm-up). Returns (loss, z1, z2, to_push, stats): ``to_push`` is the global
-    batch's detached (z2, sentence keys) that the loss gathered, for ``bank.push`` after the
-    step (None when there is no bank), so filling the bank costs no communication.
-    ``packing``: ``Encoder.packing_for`` of ``mask.repeat(2, 1)``, built before the transfer."""
-    if isinstance(loss_fn, str):  # an objective name with the default options
-        loss_fn = HncseLoss(ObjectiveConfig(objective=loss_fn))
-    views = (ids.repeat(2, 1), mask.repeat(2, 1))
-    emb = (model(*views) if packing is None else model(*views, packing=packing)).float()
-    z1, z2 = emb.chunk(2)
-    has_bank = bank is not None and bank.batches > 0
-    cfg = loss_fn.config
-    masks_duplicates = cfg.objective in ("hnm", "hncse") and cfg.hnm_mask_duplicates
-    keys = sentence_keys(ids, mask) if has_bank or masks_duplicates else None  # gathered only when used
-    bank_z, bank_k = bank.contents() if has_bank and read_bank else (None, None)
-    out = loss_fn(z1, z2, bank_z, keys=keys, bank_keys=bank_k, generator=generator)
-    to_push = (out.z2_global, out.keys_global) if has_bank else None
-    return out.loss, z1, z2, to_push, out.stats
 
 
 def build_stream(cfg: TrainConfig, tokenizer, acc):
@@ -200,208 +211,322 @@ def _eval_dev(cfg: TrainConfig, encoder: Encoder) -> float | None:
         raise
 
 
-def train(cfg: TrainConfig) -> int:
-    """Run training; returns the process exit code (0, or REQUEUE_EXIT_CODE after preemption)."""
-    from accelerate.utils import set_seed
-    from transformers import get_linear_schedule_with_warmup
+class MicroBatch(NamedTuple):
+    """One rank's micro-batch, on the device, with the host-side facts the step needs."""
 
-    cfg.validate()
-    setup_launch_env()  # srun-native launch: RANK/WORLD_SIZE/... from SLURM_* (hncse_dist/launch_env.py)
-    startup_checks(cfg)  # the model's config and the machine, before any weights load
-    preempt = PreemptionFlag()
-    acc = make_accelerator(cfg)
-    rank, world_size = acc.process_index, acc.num_processes
-    out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    run_id, run_lock = claim_output_dir(acc, out_dir)  # one run per output_dir (exit 2 otherwise)
-    # ... and a fresh run never writes over another run's records (exit 2 unless resume / overwrite)
-    refuse_foreign_run(out_dir, json.loads(json.dumps(asdict(cfg), default=str)), cfg.resume, cfg.overwrite,
-                       is_main=acc.is_main_process)
-    set_seed(cfg.seed)  # identical head initialisation on every rank
-    try:
-        encoder = Encoder.from_pretrained(cfg.model_name_or_path, cfg.pooler, cfg.mlp_only_train,
-                                          packed=cfg.packed_forward, dropout=cfg.dropout,
-                                          append_eos=cfg.append_eos, padding_side=cfg.padding_side)
-        dropout_warning = require_dropout(encoder, cfg.dropout)
-    except ModelSetupError as err:
-        raise ConfigError(str(err)) from err
-    for note in encoder.notes + ([dropout_warning] if dropout_warning else []):
-        acc.print(note)
-    if cfg.gradient_checkpointing:
-        encoder.enable_checkpointing()
-    set_seed(cfg.seed + rank)  # dropout masks differ per rank
-    stream = build_stream(cfg, encoder.tokenizer, acc)
-    steps = total_steps(cfg, stream.batches_per_epoch)
+    ids: torch.Tensor
+    mask: torch.Tensor
+    keys: torch.Tensor  # sentence_keys: token hashes, built by the data loader
+    packing: object  # Encoder.packing_for(mask of both views), or None
+    cpu_mask: torch.Tensor
+    tokens: int  # real tokens of both views
+    flops: float  # model FLOPs of the forward + backward
 
-    flops_model = FlopsModel(encoder)
-    peak = peak_flops(acc.device, cfg.mixed_precision, cfg.peak_flops)
-    # The fused kernel (CPU and CUDA) is ~4x faster than the per-tensor loop on MiniLM (bench/throughput.py).
-    optimizer = torch.optim.AdamW(encoder.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                  fused=True)
-    scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, steps)
-    model, optimizer = acc.prepare(encoder, optimizer)
-    # The scheduler is stepped by hand: Accelerate's wrapper would step it once per process.
-    # Its state travels in the trainer's own state file (plain data), not Accelerate's pickles.
-    bank = NegativeBank(cfg.bank_size if cfg.objective in ("hnm", "hncse") else 0)
-    hnm_gen = torch.Generator(device=acc.device).manual_seed(cfg.seed * 1000 + rank)
-    ckpt = Checkpointer(out_dir / "checkpoints", acc, keep_last=cfg.keep_last, run_id=run_id)
 
-    state = TrainState()
-    if cfg.resume:
-        resumed = ckpt.resolve(cfg.resume)
+class StepResult(NamedTuple):
+    stepped: bool  # the optimizer step was taken (False: non-finite, skipped on all ranks)
+    preempted: bool  # a preemption signal reached some rank (decided jointly)
+    z1: torch.Tensor | None  # the last micro-batch's views (alignment / uniformity)
+    z2: torch.Tensor | None
+    grad_norm: torch.Tensor | None
+
+
+class Trainer:
+    """HNCSE training as components: ``__init__`` sets every part up (accelerator, output
+    folder, encoder, data stream, optimizer and schedule, the objective and its hard
+    negatives, checkpoints, metrics), ``train_step`` takes one optimizer step, ``fit`` is the
+    loop around it (log, evaluate, save, preempt), ``train(cfg)`` runs it all."""
+
+    def __init__(self, cfg: TrainConfig):
+        from accelerate.utils import set_seed
+        from transformers import get_linear_schedule_with_warmup
+
+        self.cfg = cfg.validate()
+        adopted = adopt_launcher_deepspeed(cfg)  # accelerate launch --config_file with DeepSpeed
+        if adopted:
+            cfg.validate()
+        setup_launch_env()  # srun-native launch: RANK/WORLD_SIZE/... from SLURM_* (hncse_dist/launch_env.py)
+        startup_checks(cfg)  # the model's config and the machine, before any weights load
+        self.preempt = PreemptionFlag()
+        self.acc = acc = make_accelerator(cfg)
+        self.rank, self.world_size = acc.process_index, acc.num_processes
+        if adopted:
+            acc.print(adopted)
+        self.out_dir = out_dir = Path(cfg.output_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.run_id, self.run_lock = claim_output_dir(acc, out_dir)  # one run per output_dir (exit 2 otherwise)
+        # ... and a fresh run never writes over another run's records (exit 2 unless resume / overwrite)
+        refuse_foreign_run(out_dir, json.loads(json.dumps(asdict(cfg), default=str)), cfg.resume, cfg.overwrite,
+                           is_main=acc.is_main_process)
+        set_seed(cfg.seed)  # identical head initialisation on every rank
+        self.encoder = self._build_encoder()
+        set_seed(cfg.seed + self.rank)  # dropout masks differ per rank
+        self.stream = build_stream(cfg, self.encoder.tokenizer, acc)
+        self.steps = total_steps(cfg, self.stream.batches_per_epoch)
+        self.flops_model = FlopsModel(self.encoder)
+        self.peak = peak_flops(acc.device, cfg.mixed_precision, cfg.peak_flops)
+        # The fused kernel (CPU and CUDA) is ~4x faster than the per-tensor loop on MiniLM (bench/throughput.py).
+        optimizer = torch.optim.AdamW(self.encoder.parameters(), lr=cfg.learning_rate,
+                                      weight_decay=cfg.weight_decay, fused=True)
+        self.scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, self.steps)
+        self.model, self.optimizer = acc.prepare(self.encoder, optimizer)
+        # DeepSpeed takes its optimizer step inside backward: non-finite losses are decided
+        # before each backward there; elsewhere once per step, fused with the preemption flag.
+        self.steps_in_backward = bool(cfg.deepspeed)
+        # The objective and what it carries across steps: the bank and HNM's random draws.
+        self.loss_fn = HncseLoss(cfg.objective_config())
+        self.negatives = HardNegatives(cfg.bank_size if cfg.objective in ("hnm", "hncse") else 0, acc.device,
+                                       seed=cfg.seed * 1000 + self.rank, read_after=cfg.bank_warmup_steps)
+        self.state = TrainState()
+        # The scheduler is stepped by hand (Accelerate's wrapper would step it once per process);
+        # it travels in the trainer's own state file (plain data), not Accelerate's pickles.
+        self.ckpt = Checkpointer(
+            out_dir / "checkpoints", acc, keep_last=cfg.keep_last, run_id=self.run_id, save_every=cfg.save_every,
+            states={"trainer": self.state, "scheduler": self.scheduler, "negatives": self.negatives,
+                    "data": self.stream},
+            extras={"param_digest": lambda: parameter_digest(self.model)} if cfg.param_digest else None,
+        )
+        self._resume()
+        trackers = parse_report_to(cfg.report_to)
+        if any(t != "tensorboard" for t in trackers):
+            acc.init_trackers(cfg.run_name or out_dir.name, config=hparams_of(asdict(cfg)))
+        self.log = MetricsLog(out_dir, acc.is_main_process, trackers, acc)
+        if acc.is_main_process:
+            (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
+        self.window = MetricsWindow(cfg.log_every, cfg.eval_every, self.steps)
+        self.skips = NonFiniteSkips(cfg.max_nonfinite_skips, cfg.log_every)
+
+    def _build_encoder(self) -> Encoder:
+        cfg, acc = self.cfg, self.acc
+        try:
+            encoder = Encoder.from_pretrained(cfg.model_name_or_path, cfg.pooler, cfg.mlp_only_train,
+                                              packed=cfg.packed_forward, dropout=cfg.dropout,
+                                              append_eos=cfg.append_eos, padding_side=cfg.padding_side)
+            dropout_warning = require_dropout(encoder, cfg.dropout)
+        except ModelSetupError as err:
+            raise ConfigError(str(err)) from err
+        for note in encoder.notes + ([dropout_warning] if dropout_warning else []):
+            acc.print(note)
+        if cfg.gradient_checkpointing:
+            encoder.enable_checkpointing()
+        return encoder
+
+    def _resume(self) -> None:
+        cfg = self.cfg
+        if not cfg.resume:
+            return
+        resumed = self.ckpt.resolve(cfg.resume)
         if resumed is not None:
-            extra = ckpt.load(resumed)
-            state.load_state_dict(extra["trainer"])
-            scheduler.load_state_dict(extra["scheduler"])
-            bank.load_state_dict(extra["bank"], device=acc.device)
-            stream.load_state_dict(extra["data"])
-            hnm_gen.set_state(extra["generator"])
-            acc.print(f"resumed from {resumed} at step {state.step}")
+            self.ckpt.load(resumed)  # restores the model, optimizer and every registered part
+            self.acc.print(f"resumed from {resumed} at step {self.state.step}")
         elif cfg.resume != "latest":
             raise ConfigError(f"resume={cfg.resume}: no complete checkpoint there")
-        if acc.is_main_process:  # the steps after the checkpoint are logged again
-            drop_records_after(out_dir / "metrics.jsonl", state.step)
+        if self.acc.is_main_process:  # the steps after the checkpoint are logged again
+            drop_records_after(self.out_dir / "metrics.jsonl", self.state.step)
 
-    def save(tag_step: int) -> Path:
-        return ckpt.save(tag_step, {"trainer": state.state_dict(), "scheduler": scheduler.state_dict(), "bank": bank.state_dict(),
-                                    "data": stream.state_dict(), "generator": hnm_gen.get_state(),
-                                    "param_digest": parameter_digest(model)})
+    def micro_batch(self, batch: dict) -> MicroBatch:
+        """A loader batch on the device; the packing index and the FLOPs come from the CPU mask
+        (no device sync), the token count and keys from the loader's worker."""
+        cpu_mask = batch["attention_mask"]
+        both = cpu_mask.repeat(2, 1)
+        device, non_blocking = self.acc.device, self.acc.device.type == "cuda"
+        tokens = 2 * batch["tokens"]
+        return MicroBatch(
+            ids=batch["input_ids"].to(device, non_blocking=non_blocking),
+            mask=cpu_mask.to(device, non_blocking=non_blocking),
+            keys=batch["sentence_keys"].to(device, non_blocking=non_blocking),
+            packing=self.encoder.packing_for(both, device),
+            cpu_mask=cpu_mask,
+            tokens=tokens,
+            flops=self.flops_model.step(tokens, both.shape[0], both.shape[1]),
+        )
 
-    trackers = parse_report_to(cfg.report_to)
-    if any(t != "tensorboard" for t in trackers):
-        acc.init_trackers(cfg.run_name or out_dir.name, config=hparams_of(asdict(cfg)))
-    log = MetricsLog(out_dir, acc.is_main_process, trackers, acc)
-    if acc.is_main_process:
-        (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
-    acc.print(f"world size {world_size} | global batch {cfg.batch_size * world_size} | "
-              f"{steps} steps | objective {cfg.objective} | device {acc.device}")
-    loss_fn = HncseLoss(cfg.objective_config())
-    if cfg.cache_chunk_size:
-        acc.print(f"GradCache: each rank's {2 * cfg.batch_size} sequences are encoded in chunks of {cfg.cache_chunk_size}")
-    bar = None
-    if cfg.progress and acc.is_main_process and sys.stderr.isatty():  # no bar spam in batch logs
-        from tqdm.auto import tqdm
+    def _loss(self, mb: MicroBatch, read_bank: bool):
+        cfg, neg = self.cfg, self.negatives
+        if cfg.cache_chunk_size:  # GradCache: same loss, activations of one chunk (gradcache.py)
+            return cached_contrastive_step(
+                self.model, mb.ids, mb.mask, self.loss_fn, neg.bank, neg.generator, read_bank=read_bank,
+                chunk_size=cfg.cache_chunk_size, packing_for=self.encoder.packing_for, cpu_mask=mb.cpu_mask,
+                keys=mb.keys)
+        return contrastive_step(self.model, mb.ids, mb.mask, self.loss_fn, neg.bank, neg.generator,
+                                read_bank=read_bank, packing=mb.packing, keys=mb.keys)
 
-        bar = tqdm(total=steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
+    def _joint(self, nonfinite: torch.Tensor | None) -> tuple[bool, bool]:
+        """(non-finite on some rank, preemption on some rank): one all-reduce, one host read."""
+        device = self.acc.device
+        bad = nonfinite if nonfinite is not None else torch.zeros((), dtype=torch.bool, device=device)
+        preempted = torch.full((), self.preempt.raised is not None, dtype=torch.bool, device=device)
+        bad_any, stop = any_rank(torch.stack([bad.reshape(()), preempted]))
+        return bad_any, stop
 
-    exit_code = 0
-    window_start, window_steps, window_stats = time.perf_counter(), 0, {}
-    window_tokens, window_flops = 0, 0.0
-    skips = NonFiniteSkips(cfg.max_nonfinite_skips, cfg.log_every)
-    model.train()
-    while state.step < steps and exit_code == 0:
-        for batch in stream:
-            # Index bookkeeping of the padding-free forward from the CPU mask: no GPU sync.
-            packing = encoder.packing_for(batch["attention_mask"].repeat(2, 1), acc.device)
-            real_tokens = 2 * int(batch["attention_mask"].sum())  # a CPU tensor: no device sync
-            window_tokens += real_tokens
-            window_flops += flops_model.step(real_tokens, 2 * batch["attention_mask"].shape[0],
-                                             batch["attention_mask"].shape[1])
-            ids = batch["input_ids"].to(acc.device)
-            mask = batch["attention_mask"].to(acc.device)
+    def train_step(self, micro_batches: Sequence[MicroBatch]) -> StepResult:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches.
+
+        Micro-step m of every rank is one global micro-batch (its negatives: that global
+        micro-batch and the bank). A step whose loss is non-finite on any rank is skipped on
+        every rank (``skip_nonfinite``): no update, nothing enters the bank. The bank receives
+        the step's global micro-batches after the update. Device-to-host syncs: one per step
+        (the joint non-finite / preemption decision), plus one per micro-step under DeepSpeed."""
+        cfg, acc, model, optimizer = self.cfg, self.acc, self.model, self.optimizer
+        read_bank = self.negatives.readable(self.state.step)
+        nonfinite, pushes, added = None, [], []
+        z1 = z2 = grad_norm = None
+        stepped, stop = True, False
+        for mb in micro_batches:
             with acc.accumulate(model):
-                use_bank = state.step >= cfg.bank_warmup_steps
-                if cfg.cache_chunk_size:  # GradCache: same loss, activations of one chunk (gradcache.py)
-                    loss, z1, z2, to_push, stats = cached_contrastive_step(
-                        model, ids, mask, loss_fn, bank, hnm_gen, read_bank=use_bank,
-                        chunk_size=cfg.cache_chunk_size, packing_for=encoder.packing_for,
-                        cpu_mask=batch["attention_mask"])
-                else:
-                    loss, z1, z2, to_push, stats = contrastive_step(
-                        model, ids, mask, loss_fn, bank, hnm_gen, read_bank=use_bank, packing=packing
-                    )
-                skip = cfg.skip_nonfinite and all_ranks_agree(not bool(torch.isfinite(loss)), acc.device)
-                if skip:
-                    optimizer.zero_grad(set_to_none=True)
-                    message = skips.skipped(state.step)
-                    if message:
-                        acc.print(message)
-                    if all_ranks_agree(preempt.raised is not None, acc.device):
-                        save(state.step)
-                        acc.print(f"{preempt.describe()}: checkpoint at step {state.step} written, "
-                                  f"exiting {preempt.exit_code}")
-                        exit_code = preempt.exit_code
-                        break
-                    continue
-                skips.reset()
+                loss, z1, z2, to_push, stats = self._loss(mb, read_bank)
+                if self.steps_in_backward:
+                    bad, stop = self._joint(~torch.isfinite(loss.detach()) if cfg.skip_nonfinite else None)
+                    if bad:  # decided before DeepSpeed's backward, which steps its optimizer
+                        optimizer.zero_grad(set_to_none=True)
+                        stepped = not acc.sync_gradients and stepped
+                        if acc.sync_gradients:
+                            break
+                        continue
+                elif cfg.skip_nonfinite:
+                    flag = ~torch.isfinite(loss.detach())
+                    nonfinite = flag if nonfinite is None else nonfinite | flag
                 acc.backward(loss)
-                grad_norm = None
-                if acc.sync_gradients and cfg.max_grad_norm > 0:
-                    grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                if acc.sync_gradients:
+                    if cfg.max_grad_norm > 0:
+                        grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                        if nonfinite is not None and grad_norm is not None:  # identical on all ranks
+                            nonfinite = nonfinite | ~torch.isfinite(grad_norm.detach())
+                    if not self.steps_in_backward:
+                        bad, stop = self._joint(nonfinite)
+                        stepped = not bad
+                    if stepped:
+                        optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
             if to_push is not None:
-                bank.push(*to_push)
-            for k, v in stats.items():
-                window_stats[k] = window_stats.get(k, 0.0) + v
-            window_stats["loss"] = window_stats.get("loss", 0.0) + loss.detach()
-            if not acc.sync_gradients:
+                pushes.append(to_push)
+            added.append((loss, stats, mb))
+        if not stepped and not self.steps_in_backward:
+            pushes, added = [], []  # a skipped step leaves no trace in the bank or the metrics
+        for z, keys in pushes:
+            self.negatives.push(z, keys)
+        for loss, stats, mb in added:
+            self.window.add(loss, stats, mb.tokens, mb.flops)
+        if stepped:
+            self.scheduler.step()
+            self.state.step += 1
+            self.window.steps += 1
+        return StepResult(stepped, stop, z1, z2, grad_norm)
+
+    def _micro_batches(self) -> Iterator[list[MicroBatch]]:
+        """Groups of ``gradient_accumulation_steps`` micro-batches, epoch after epoch."""
+        group: list[MicroBatch] = []
+        while True:
+            for batch in self.stream:
+                group.append(self.micro_batch(batch))
+                if len(group) == self.cfg.gradient_accumulation_steps:
+                    yield group
+                    group = []
+
+    def _log_window(self, result: StepResult) -> None:
+        cfg, acc, step = self.cfg, self.acc, self.state.step
+        values = self.window.values(acc, cfg.batch_size * self.world_size, self.peak)
+        values["lr"] = self.scheduler.get_last_lr()[0]
+        values["memory_gb"] = memory_gb(acc.device)
+        values["bank/fill"] = self.negatives.bank.fill_fraction
+        values["nonfinite_skips"] = self.skips.total
+        if result.grad_norm is not None:
+            values["grad_norm"] = float(result.grad_norm)
+        if step % cfg.stats_every == 0 and result.z1 is not None:
+            values["emb/alignment"] = float(alignment(result.z1.detach(), result.z2.detach()))
+            values["emb/uniformity"] = float(uniformity(result.z1.detach()))
+        values.update(world_size=self.world_size, global_batch=cfg.batch_size * self.world_size)
+        self.log.log(step, values)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{values['loss']:.4f}", sps=f"{values['sentences_per_s']:.0f}")
+        else:  # batch logs (sbatch, nohup): one plain line per window instead of a bar
+            acc.print(progress_line(step, self.steps, values, self.window.eta_s(step)))
+        if acc.device.type == "cpu":
+            release_free_memory()  # a flat memory curve over long CPU runs
+        self.window.reset()
+
+    def _checkpoint_and_exit(self, step: int) -> int:
+        self.ckpt.save(step)
+        self.acc.print(f"{self.preempt.describe()}: checkpoint at step {step} written, "
+                       f"exiting {self.preempt.exit_code}")
+        return self.preempt.exit_code
+
+    def fit(self) -> int:
+        """The loop: returns the process exit code (0, or the preemption's exit code)."""
+        cfg, acc = self.cfg, self.acc
+        acc.print(f"world size {self.world_size} | global batch {cfg.batch_size * self.world_size} | "
+                  f"{self.steps} steps | objective {cfg.objective} | device {acc.device}")
+        if cfg.cache_chunk_size:
+            acc.print(f"GradCache: each rank's {2 * cfg.batch_size} sequences are encoded in chunks of "
+                      f"{cfg.cache_chunk_size}")
+        self.bar = None
+        if cfg.progress and acc.is_main_process and sys.stderr.isatty():  # no bar spam in batch logs
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.steps, initial=self.state.step, desc="train", unit="step", dynamic_ncols=True)
+        exit_code = 0
+        self.window.reset()
+        self.model.train()
+        groups = self._micro_batches()
+        while self.state.step < self.steps:
+            result = self.train_step(next(groups))
+            step = self.state.step
+            if not result.stepped:
+                message = self.skips.skipped(step)  # raises TrainingDiverged after too many
+                if message:
+                    acc.print(message)
+                if result.preempted:
+                    exit_code = self._checkpoint_and_exit(step)
+                    break
                 continue
-            scheduler.step()
-            state.step += 1
-            window_steps += 1
-            step = state.step
-            if bar is not None:
-                bar.update(1)
-
-            if step % cfg.log_every == 0 or step == steps:
-                elapsed = time.perf_counter() - window_start
-                micro = window_steps * cfg.gradient_accumulation_steps
-                values = {k: float(acc.reduce(v / micro, "mean")) for k, v in sorted(window_stats.items())}
-                values["lr"] = scheduler.get_last_lr()[0]
-                values["sentences_per_s"] = micro * cfg.batch_size * world_size / elapsed
-                values["tokens_per_s"] = window_tokens * world_size / elapsed
-                if peak:
-                    values["mfu"] = window_flops / elapsed / peak
-                values["memory_gb"] = memory_gb(acc.device)
-                values["bank/fill"] = bank.fill_fraction
-                values["nonfinite_skips"] = skips.total
-                if grad_norm is not None:
-                    values["grad_norm"] = float(grad_norm)
-                if step % cfg.stats_every == 0:
-                    values["emb/alignment"] = float(alignment(z1.detach(), z2.detach()))
-                    values["emb/uniformity"] = float(uniformity(z1.detach()))
-                values.update(world_size=world_size, global_batch=cfg.batch_size * world_size)
-                log.log(step, values)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{values['loss']:.4f}", sps=f"{values['sentences_per_s']:.0f}")
-                else:  # batch logs (sbatch, nohup): one plain line per window instead of a bar
-                    acc.print(progress_line(step, steps, values, (steps - step) * elapsed / window_steps))
-                if acc.device.type == "cpu":
-                    release_free_memory()  # a flat memory curve over long CPU runs
-                window_start, window_steps, window_stats = time.perf_counter(), 0, {}
-                window_tokens, window_flops = 0, 0.0
-
-            if (cfg.eval_every > 0 and step % cfg.eval_every == 0) or step == steps:
-                maybe_eval(cfg, acc, model, state, log, out_dir, step, save=save)
-            stop = all_ranks_agree(preempt.raised is not None, acc.device)
-            if stop or (cfg.save_every > 0 and step % cfg.save_every == 0) or step == steps:
-                save(step)
-            if stop:
-                acc.print(f"{preempt.describe()}: checkpoint at step {step} written, exiting {preempt.exit_code}")
-                exit_code = preempt.exit_code
+            self.skips.reset()
+            if self.bar is not None:
+                self.bar.update(1)
+            if self.window.log_due(step):
+                self._log_window(result)
+            if self.window.eval_due(step):
+                maybe_eval(cfg, acc, self.model, self.state, self.log, self.out_dir, step, save=self.ckpt.save,
+                           card=self.card())
+            if result.preempted:
+                exit_code = self._checkpoint_and_exit(step)
                 break
-            if step >= steps:
-                break
-            if window_steps == 0:
-                window_start = time.perf_counter()  # evaluation and checkpoints are not training time
-                window_tokens, window_flops = 0, 0.0
+            if self.ckpt.due(step, self.steps):
+                self.ckpt.save(step)
+            self.window.restart_clock()  # evaluation and checkpoints are not training time
+        groups.close()
+        if exit_code == 0:
+            export(acc, self.model, self.out_dir / "final", cfg.export_dtype, card=self.card())
+            summary = write_summary(cfg, self.out_dir, self.state, self.steps, self.world_size)
+            if summary is not None:
+                self.log.hparams(asdict(cfg), {k: summary[k] for k in ("final_loss", "best_stsb_dev", "sentences_per_s", "mfu")})
+        self.close()
+        return exit_code
 
-    if exit_code == 0:
-        export(acc, model, out_dir / "final", cfg.export_dtype)
-        summary = write_summary(cfg, out_dir, state, steps, world_size)
-        if summary is not None:
-            log.hparams(asdict(cfg), {k: summary[k] for k in ("final_loss", "best_stsb_dev", "sentences_per_s", "mfu")})
-    if bar is not None:
-        bar.close()
-    log.close()
-    acc.wait_for_everyone()
-    acc.end_training()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    if run_lock is not None:
-        run_lock.release()
-    return exit_code
+    def card(self) -> dict:
+        """What the exported model card states: the run's config, world size, step, best STS-B
+        dev score and the command (hncse_dist.model_card)."""
+        from .model_card import command_line
+
+        best = self.state.best_dev
+        return {"config": json.loads(json.dumps(asdict(self.cfg), default=str)), "world_size": self.world_size,
+                "step": self.state.step, "best_stsb_dev": best if math.isfinite(best) else None,
+                "command": command_line()}
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.log.close()
+        self.acc.wait_for_everyone()
+        self.acc.end_training()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        if self.run_lock is not None:
+            self.run_lock.release()
+
+
+def train(cfg: TrainConfig) -> int:
+    """Run training; returns the process exit code (0, or REQUEUE_EXIT_CODE after preemption)."""
+    return Trainer(cfg).fit()
 
 
 class NonFiniteSkips:
@@ -431,8 +556,9 @@ class NonFiniteSkips:
         return None
 
 
-def maybe_eval(cfg, acc, model, state, log, out_dir: Path, step: int, save=None) -> None:
-    """STS-B dev on the main process; exports the best model (SimCSE's selection).
+def maybe_eval(cfg, acc, model, state, log, out_dir: Path, step: int, save=None, card: dict | None = None) -> None:
+    """STS-B dev on the main process; exports the best model (SimCSE's selection) with
+    ``card`` (the run's model-card facts) and this step's score.
 
     An evaluation that fails never loses the run: every rank learns of it, ``save(step)``
     writes a checkpoint, then EvalFailed is raised on every rank."""
@@ -468,7 +594,8 @@ def maybe_eval(cfg, acc, model, state, log, out_dir: Path, step: int, save=None)
     if score > state.best_dev:
         state.best_dev = score
         if cfg.save_best:
-            export(acc, model, out_dir / "best", cfg.export_dtype)
+            best_card = {**card, "step": step, "stsb_dev": score, "best_stsb_dev": score} if card else None
+            export(acc, model, out_dir / "best", cfg.export_dtype, card=best_card)
 
 
 def parameter_digest(model) -> str | None:
@@ -483,12 +610,13 @@ def parameter_digest(model) -> str | None:
     return h.hexdigest()
 
 
-def export(acc, model, out_dir: Path, dtype: str = "fp32") -> None:
+def export(acc, model, out_dir: Path, dtype: str = "fp32", card: dict | None = None) -> None:
     """Write an AutoModel + SentenceTransformer folder in ``dtype`` from the fp32 (master)
-    weights, consolidating ZeRO partitions (a collective: every rank calls it)."""
+    weights, consolidating ZeRO partitions (a collective: every rank calls it), with a model
+    card from ``card``."""
     from .export import export_from_training
 
-    export_from_training(acc, model, out_dir, dtype)
+    export_from_training(acc, model, out_dir, dtype, card=card)
 
 
 def write_summary(cfg: TrainConfig, out_dir: Path, state: TrainState, steps: int, world_size: int) -> dict | None:

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from hncse_dist.bank import sentence_keys
+
 from hncse_dist.data import ShardError, ShardStream, write_shards
 from hncse_dist.data.manifest import write_json_atomic
 from hncse_dist.data.tario import write_text_tar
@@ -82,13 +84,16 @@ def test_each_sample_once_and_equal_counts(
 def test_batches_are_padded_tensors(tmp_path, tokenizer):
     shard_dir, _ = make_shard_dir(tmp_path / "shards", [40])
     batch = next(iter(ShardStream(shard_dir, tokenizer, 8, 6, num_workers=0)))
-    assert set(batch) == {"input_ids", "attention_mask", "keys"}
+    assert set(batch) == {"input_ids", "attention_mask", "keys", "sentence_keys", "tokens"}
     assert batch["input_ids"].dtype == torch.long and batch["attention_mask"].dtype == torch.long
     assert batch["input_ids"].shape == batch["attention_mask"].shape
     assert batch["input_ids"].shape[0] == 8 and batch["input_ids"].shape[1] <= 6
     lengths = batch["attention_mask"].sum(1)
     assert lengths.max() == batch["input_ids"].shape[1]  # padded to the longest, no further
     assert len(batch["keys"]) == 8
+    # built in the loader for the training step: token hashes and the real-token count
+    assert torch.equal(batch["sentence_keys"], sentence_keys(batch["input_ids"], batch["attention_mask"]))
+    assert batch["tokens"] == int(lengths.sum())
 
 
 def test_order_independent_of_workers_and_reshuffled_per_epoch(tmp_path, tokenizer):

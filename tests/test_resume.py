@@ -82,5 +82,6 @@ def test_preempt_checkpoint_resume_reproduces_the_loss_curve(tmp_path, tiny_bert
     # the bank came back bit-exactly and kept evolving identically
     a = torch.load(ref_out / "checkpoints" / f"step-{steps:08d}" / "hncse_rank0.pt", weights_only=False)
     b = torch.load(out / "checkpoints" / f"step-{steps:08d}" / "hncse_rank0.pt", weights_only=False)
-    assert torch.equal(a["bank"]["embeddings"], b["bank"]["embeddings"])
+    assert torch.equal(a["negatives"]["bank"]["embeddings"], b["negatives"]["bank"]["embeddings"])
+    assert torch.equal(a["negatives"]["generator"], b["negatives"]["generator"])
     assert a["param_digest"] == b["param_digest"]

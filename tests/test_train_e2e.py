@@ -22,7 +22,7 @@ def run_cli(args, timeout=600, check=True):
 def common(tiny_bert, corpus, out, **kw):
     args = {"model_name_or_path": tiny_bert, "train_file": corpus, "output_dir": str(out), "batch_size": 8,
             "max_steps": 4, "log_every": 1, "eval_every": 0, "save_every": 2, "bank_size": 3, "num_workers": 0,
-            "progress": "false", "hnm_k": 4, "hnm_m": 6}
+            "progress": "false", "hnm_k": 4, "hnm_m": 6, "param_digest": "true"}
     args.update(kw)
     return [f"{k}={v}" for k, v in args.items()]
 
@@ -39,9 +39,9 @@ def test_two_process_training_syncs_and_exports(tmp_path, tiny_bert, corpus):
     # the ranks really synchronised: identical parameters after DDP steps
     assert r0["param_digest"] is not None and r0["param_digest"] == r1["param_digest"]
     # the bank is one all-gathered tensor, identical on both ranks: 2 steps x 16 global rows
-    assert r0["bank"]["filled"] == 2 and r0["bank"]["rows"] == 16
-    assert torch.equal(r0["bank"]["embeddings"], r1["bank"]["embeddings"])
-    assert torch.equal(r0["bank"]["keys"], r1["bank"]["keys"])
+    assert r0["negatives"]["bank"]["filled"] == 2 and r0["negatives"]["bank"]["rows"] == 16
+    assert torch.equal(r0["negatives"]["bank"]["embeddings"], r1["negatives"]["bank"]["embeddings"])
+    assert torch.equal(r0["negatives"]["bank"]["keys"], r1["negatives"]["bank"]["keys"])
     # both ranks consumed the same number of batches
     assert r0["data"]["batches_consumed"] == r1["data"]["batches_consumed"] == 2
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]

@@ -5,24 +5,16 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
 from typing import Any
 
-from .tario import ShardError, sha256_file
+from .base import ShardError, ShardInfo  # noqa: F401  (ShardInfo also imported from here)
+from .tario import sha256_file
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "hncse-dist-shards"
 MANIFEST_VERSION = 1
 SHARD_PATTERN = "shard-%06d.tar"
 SHARD_NAME_RE = re.compile(r"^shard-\d{6}\.tar(\.gz)?$")
-
-
-@dataclass(frozen=True)
-class ShardInfo:
-    path: str
-    count: int
-    sha256: str | None
-    size: int | None
 
 
 def shard_name(index: int, gzip: bool = False) -> str:

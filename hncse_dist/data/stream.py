@@ -47,6 +47,7 @@ from .plan import (
 )
 from .tario import ShardError, ShardReader
 from .urls import is_remote, is_url_source, remote_infos, with_retries
+from ..bank import sentence_keys
 
 log = logging.getLogger(__name__)
 
@@ -186,9 +187,14 @@ class _EpochBatches(IterableDataset):
             max_length=self.plan.max_length,
             return_tensors="pt",
         )
+        ids, mask = encoded["input_ids"].long(), encoded["attention_mask"].long()
         return {
-            "input_ids": encoded["input_ids"].long(),
-            "attention_mask": encoded["attention_mask"].long(),
+            "input_ids": ids,
+            "attention_mask": mask,
+            # Built here, in the loader's worker, so that the training step needs no host work:
+            # the bank's duplicate masking compares these token hashes, the metrics count tokens.
+            "sentence_keys": sentence_keys(ids, mask),
+            "tokens": int(mask.sum()),
             "keys": [key for key, _ in samples],
             "index": index,
         }
@@ -294,7 +300,9 @@ class ShardStream:
 
     Iterating yields the rest of the current epoch as dicts with ``input_ids`` and
     ``attention_mask`` (LongTensor [batch_size, L], padded to the longest row, truncated
-    at ``max_length``) and ``keys`` (list of sample keys); when an epoch is fully consumed
+    at ``max_length``), ``sentence_keys`` (int64 [batch_size]: a hash of each row's tokens,
+    ``bank.sentence_keys``), ``tokens`` (real tokens in the batch, an int) and ``keys`` (list
+    of sample keys); when an epoch is fully consumed
     the stream moves on to the next one, so ``for batch in stream`` repeated gives
     successive epochs. ``set_epoch(e)`` jumps to the start of epoch ``e`` (keeping the
     position when ``e`` is already the current epoch, so a resumed run may call it).
@@ -320,6 +328,7 @@ class ShardStream:
         text_key: str | None = None,
         shard_retries: int = 0,
         retry_delay: float = 1.0,
+        pin_memory: bool = False,
     ) -> None:
         if batch_size < 1 or max_length < 1:
             raise ValueError(f"batch_size and max_length must be >= 1, got {batch_size}, {max_length}")
@@ -351,6 +360,7 @@ class ShardStream:
         self.manifest = manifest
         self.shard_retries = shard_retries
         self.retry_delay = retry_delay
+        self.pin_memory = pin_memory
         sources = parse_sources(shard_dir)
         if len(sources) == 1:
             sources = [replace(sources[0], manifest=sources[0].manifest or manifest,
@@ -460,6 +470,7 @@ class ShardStream:
             collate_fn=_keep_as_is,
             prefetch_factor=self.prefetch_factor,
             persistent_workers=False,
+            pin_memory=self.pin_memory,  # page-locked batches: non-blocking copies to the GPU
             multiprocessing_context=self._worker_context(),
             # Its own generator: starting the workers draws their base seed from it, not from
             # torch's global RNG, whose state (dropout) must not depend on when an epoch's

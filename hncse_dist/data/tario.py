@@ -18,6 +18,8 @@ import tarfile
 from collections.abc import Iterable, Iterator
 from typing import Any, BinaryIO
 
+from .base import ShardError  # noqa: F401  (also imported from here)
+
 TEXT_EXTENSIONS = ("txt", "text")
 
 
@@ -33,10 +35,6 @@ def parse_text_key(text_key: str | None) -> tuple[tuple[str, ...], tuple[str, ..
     if not ext or (sep and not path) or "/" in ext:
         raise ValueError(f"text_key={text_key!r}: use a member extension (txt, caption) or EXT:FIELD.PATH (json:text)")
     return (ext,), tuple(path.split(".")) if path else ()
-
-
-class ShardError(RuntimeError):
-    """A shard (or its manifest) is missing, truncated, corrupt or inconsistent."""
 
 
 class _HashingFile:

@@ -29,8 +29,7 @@ from collections.abc import Sequence
 from typing import Any, BinaryIO
 from urllib.parse import urlparse
 
-from .manifest import ShardInfo
-from .tario import ShardError
+from .base import ShardError, ShardInfo
 
 _SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _SHARD_WORD_RE = re.compile(r"\S+\.(?:tar|tgz|tar\.gz)(?=\s|$|['\"])")
