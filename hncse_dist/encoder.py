@@ -120,6 +120,66 @@ def build_head(hidden: int, backbone: nn.Module) -> nn.Module:
     return head
 
 
+DEFAULT_MAX_TOKENS = 4096  # token positions per evaluation batch (Encoder.encode)
+
+
+def _length_batches(lengths: Sequence[int], max_sentences: int, max_tokens: int) -> list[list[int]]:
+    """Indices of ``lengths`` in batches of at most ``max_sentences`` sequences and
+    ``max_tokens`` token positions (``Encoder.encode``).
+
+    The sequences of one length are split into near-equal batches, so no batch has padding.
+    Lengths with too few sequences to fill a quarter of a batch (the long tail of a length
+    distribution) are merged instead, in length order, into padded batches.
+    """
+    by_length: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        by_length.setdefault(n, []).append(i)
+
+    def capacity(n: int) -> int:
+        return max(1, min(max_sentences, max_tokens // n))
+
+    batches, tail = [], []
+    for n, group in sorted(by_length.items()):
+        cap = capacity(n)
+        if 4 * len(group) < cap:
+            tail.extend(group)
+            continue
+        size = -(-len(group) // -(-len(group) // cap))  # ceil(len / number of batches)
+        batches.extend(group[s : s + size] for s in range(0, len(group), size))
+    batch: list[int] = []
+    for i in tail:  # ascending length: the newest sequence is the longest of its batch
+        if len(batch) >= capacity(lengths[i]):
+            batches.append(batch)
+            batch = []
+        batch.append(i)
+    if batch:
+        batches.append(batch)
+    return batches
+
+
+class _DensePacking(Packing):
+    """The packed layout of a batch without padding: the padded one, reshaped (no index
+    copies, and no attention mask)."""
+
+    def __init__(self, batch: int, length: int, device: torch.device | str):
+        self.batch, self.length = batch, length
+        self.lengths = torch.full((batch,), length, device=device)
+        self.starts = torch.arange(0, batch * length, length, device=device)
+        self.index = self.row = self.key_mask = None
+
+    def to(self, device: torch.device | str) -> "_DensePacking":
+        return _DensePacking(self.batch, self.length, device)
+
+    def pack(self, padded: torch.Tensor) -> torch.Tensor:
+        return padded.reshape(self.batch * self.length, -1)
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        return packed.view(self.batch, self.length, -1)
+
+    def mean(self, packed: torch.Tensor) -> torch.Tensor:
+        return packed.view(self.batch, self.length, -1).mean(1)
+
+
 class Encoder(nn.Module):
     """Backbone + pooler + MLP head; ``forward`` returns one embedding per sequence."""
 
@@ -272,32 +332,54 @@ class Encoder(nn.Module):
         max_length: int = 512,
         device: torch.device | str | None = None,
         progress: bool = False,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
     ) -> torch.Tensor:
         """Evaluation embeddings [len(sentences), d] in float32 on the CPU.
 
-        Repeated sentences are encoded once and batches are built from length-sorted
-        sentences, so padding is minimal; the model is put in eval mode for the call.
+        The sentences are tokenized once and each distinct token sequence is encoded once, in
+        batches of at most ``batch_size`` sequences and ``max_tokens`` token positions. A batch
+        holds sequences of one length (``_length_batches``; only a length distribution's long
+        tail shares padded batches): no padding, no attention mask, and the padding-free
+        forward needs no index bookkeeping. The embeddings stay on ``device`` until one copy
+        at the end (no synchronisation per batch). The model is in eval mode for the call.
         """
         was_training = self.training
         self.eval()
         device = torch.device(device) if device is not None else next(self.parameters()).device
         unique = list(dict.fromkeys(sentences))
-        lengths = [len(self.tokenizer.tokenize(s)) for s in unique]
-        order = sorted(range(len(unique)), key=lambda i: -lengths[i])
-        out = torch.empty(len(unique), self.backbone.config.hidden_size)
-        batches = range(0, len(order), batch_size)
+        ids = self.tokenizer(unique, truncation=True, max_length=max_length)["input_ids"] if unique else []
+        rows: dict[tuple[int, ...], int] = {}
+        row_of_unique = [rows.setdefault(tuple(seq), len(rows)) for seq in ids]
+        seqs = list(rows)
+        out = torch.empty(len(seqs), self.backbone.config.hidden_size, device=device)
+        batches = _length_batches([len(s) for s in seqs], batch_size, max_tokens)
         if progress:
             from tqdm.auto import tqdm
 
             batches = tqdm(batches, desc="encode", unit="batch")
-        for start in batches:
-            idx = order[start : start + batch_size]
-            feats = self.tokenize([unique[i] for i in idx], max_length)
-            emb = self(feats["input_ids"].to(device), feats["attention_mask"].to(device))
-            out[idx] = emb.float().cpu()
+        for idx in batches:
+            emb = self._encode_batch([seqs[i] for i in idx], device)
+            out[torch.tensor(idx).to(device, non_blocking=True)] = emb.float()
         self.train(was_training)
-        position = {s: i for i, s in enumerate(unique)}
-        return out[[position[s] for s in sentences]]
+        position = {s: row_of_unique[i] for i, s in enumerate(unique)}
+        return out.cpu()[[position[s] for s in sentences]]
+
+    def _encode_batch(self, seqs: list[tuple[int, ...]], device: torch.device) -> torch.Tensor:
+        """Embeddings of token sequences: a dense batch when they have one length, else padded
+        on the tokenizer's padding side."""
+        longest = max(len(s) for s in seqs)
+        if all(len(s) == longest for s in seqs):
+            ids = torch.tensor(seqs).to(device, non_blocking=True)
+            packing = _DensePacking(len(seqs), longest, device) if self.packed else None
+            return self(ids, torch.ones_like(ids), packing=packing)
+        ids = torch.full((len(seqs), longest), self.tokenizer.pad_token_id)
+        mask = torch.zeros_like(ids)
+        left = self.tokenizer.padding_side == "left"
+        for row, seq in enumerate(seqs):
+            cols = slice(longest - len(seq), longest) if left else slice(0, len(seq))
+            ids[row, cols], mask[row, cols] = torch.tensor(seq), 1
+        return self(ids.to(device, non_blocking=True), mask.to(device, non_blocking=True),
+                    packing=self.packing_for(mask, device))
 
     def save_pretrained(self, out_dir: str | os.PathLike, state_dict: dict | None = None,
                         max_seq_length: int | None = None, card: dict | None = None) -> None:

@@ -1,15 +1,19 @@
-"""STS evaluation: loaders on the real files, statistics, "all" pooling, end to end, CLI errors."""
+"""STS evaluation: loaders on the real files, statistics, "all" pooling, the batched encoder
+against one sentence at a time, end to end, CLI errors."""
 
 from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from scipy import stats
 
+from hncse_dist.encoder import Encoder, _length_batches
 from hncse_dist.eval import eval_main
 from hncse_dist.eval.embed import EmbeddingTable
 from hncse_dist.eval.sts import (
@@ -28,7 +32,7 @@ from hncse_dist.eval.sts import (
     sts_pair_counts,
 )
 
-from tests.datadir import data_dir, eval_tiny_bert, restore_torch_threads  # noqa: F401  (fixtures)
+from tests.datadir import REPO_ROOT, data_dir, eval_tiny_bert, restore_torch_threads  # noqa: F401  (fixtures)
 from tests.fixtures import HashEncoder
 
 EXPECTED_PAIRS = {
@@ -141,6 +145,108 @@ def test_dev_spearman_reads_stsb_and_sick(data_dir):
     assert 0.0 < stsb < 100.0 and 0.0 < sick < 100.0
 
 
+# ---------------------------------------------------------------- the batched encoder
+
+
+def test_length_batches_cover_every_sequence_once_within_the_limits():
+    lengths = [10] * 300 + [3] * 5 + [7] * 129 + [40] * 2 + [41] + [60]
+    batches = _length_batches(lengths, max_sentences=128, max_tokens=1024)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) <= 128 and len(b) * max(lengths[i] for i in b) <= 1024
+    shapes = sorted((sorted({lengths[i] for i in b}), len(b)) for b in batches)
+    # 300 of length 10: at most 1024 // 10 = 102 a batch -> 3 x 100; 129 of length 7: at most
+    # 128 -> 65 + 64; the lengths that fill under a quarter of a batch share one padded batch.
+    assert shapes == [([3, 40, 41, 60], 9), ([7], 64), ([7], 65), ([10], 100), ([10], 100), ([10], 100)]
+
+
+def test_length_batches_split_the_tail_at_the_token_limit():
+    lengths = [10] * 9 + [45]  # each length fills under a quarter of its batch: the tail
+    batches = _length_batches(lengths, max_sentences=100, max_tokens=400)
+    # nine of length 10 take 90 positions; with the 45 added they would take 10 x 45 = 450
+    assert batches == [list(range(9)), [9]]
+
+
+def one_at_a_time(encoder: Encoder, sentences) -> torch.Tensor:
+    """The model's own forward, one sentence per call: no padding, no batch neighbours."""
+    packed, encoder.packed = encoder.packed, False
+    try:
+        with torch.inference_mode():
+            feats = [encoder.tokenize([s], 512) for s in sentences]
+            return torch.cat([encoder.eval()(f["input_ids"], f["attention_mask"]) for f in feats])
+    finally:
+        encoder.packed = packed
+
+
+@pytest.mark.parametrize("pooler", ["cls", "avg", "avg_first_last", "last"])
+def test_encode_equals_one_sentence_at_a_time(eval_tiny_bert, data_dir, pooler, restore_torch_threads):
+    torch.set_num_threads(1)
+    encoder = Encoder.from_pretrained(str(eval_tiny_bert), pooler=pooler)
+    sub = load_sts_task(data_dir, "STS14").subsets[0]
+    sentences = list(sub.sent1[:80] + sub.sent2[:80])
+    # a repeat, and a different text with the same tokens (the tokenizer is uncased)
+    sentences += [sentences[3], sentences[9].upper()]
+    expected = one_at_a_time(encoder, sentences)
+    lengths = [len(ids) for ids in encoder.tokenizer(sentences)["input_ids"]]
+    kinds = set()
+    for batch_size, max_tokens in ((128, 4096), (8, 96)):  # few sentences: padded; small batches: dense
+        kinds.update(len({lengths[i] for i in b}) for b in _length_batches(lengths, batch_size, max_tokens))
+        got = encoder.encode(sentences, batch_size=batch_size, max_tokens=max_tokens)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        assert torch.equal(got[-2], got[3]) and torch.equal(got[-1], got[9])
+    assert 1 in kinds and max(kinds) > 1  # both kinds of batch were encoded
+
+
+def small_sts_copy(data_dir, out, lines: int):
+    """STS12 (MSRpar and MSRvid: repeated pairs, no self-pairs), STS-B and SICK test, first lines."""
+    def head(src, dst, n):
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_text("\n".join(src.read_text(encoding="utf-8-sig").splitlines()[:n]) + "\n")
+
+    sts = data_dir / "sts"
+    for subset in ("MSRpar", "MSRvid"):
+        for kind in ("input", "gs"):
+            name = f"STS.{kind}.{subset}.txt"
+            head(sts / "STS12" / name, out / "sts" / "STS12" / name, lines)
+    head(sts / "STSBenchmark" / "sts-test.csv", out / "sts" / "STSBenchmark" / "sts-test.csv", lines)
+    head(sts / "SICK" / "SICK_test_annotated.txt", out / "sts" / "SICK" / "SICK_test_annotated.txt", lines + 1)
+    return out
+
+
+def test_fast_evaluator_spearman_equals_a_naive_one(eval_tiny_bert, data_dir, tmp_path, restore_torch_threads):
+    torch.set_num_threads(1)
+    small = small_sts_copy(data_dir, tmp_path, lines=150)
+    encoder = Encoder.from_pretrained(str(eval_tiny_bert), pooler="avg")
+    names = ("STS12", "STSBenchmark", "SICKRelatedness")
+    results = evaluate_sts(encoder, small, names)
+    for name in names:
+        task = load_sts_task(small, name)
+        a = one_at_a_time(encoder, [s for sub in task.subsets for s in sub.sent1]).double().numpy()
+        b = one_at_a_time(encoder, [s for sub in task.subsets for s in sub.sent2]).double().numpy()
+        # one division by the product of the norms: a pair and its swapped copy tie exactly
+        cosines = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+        gold = np.concatenate([sub.scores for sub in task.subsets])
+        naive = stats.spearmanr(gold, cosines).statistic
+        assert results["details"][name]["n"] == len(gold) == (300 if name == "STS12" else 150)
+        assert abs(results[name] / 100 - naive) < 1e-6, name
+
+
+@pytest.mark.slow
+def test_eval_speed_bench_runs_and_its_evaluators_agree(eval_tiny_bert, data_dir, tmp_path):
+    out = tmp_path / "eval_speed.json"
+    # rounding a random model's cosines (all within 0.94-1.0) to 5 decimals makes many near
+    # ties, so its rounded-cosine Spearman is compared at 1e-5 here
+    proc = subprocess.run([sys.executable, "bench/eval_speed.py", "--model", str(eval_tiny_bert), "--threads", "1",
+                           "--repeats", "1", "--tolerance", "1e-5", "--output", str(out)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["sentences_encoded"] == {"ours": 26289, "naive": 2 * sum(EXPECTED_PAIRS.values())}
+    assert set(report["scores"]["ours"]) == set(STS_TASKS) | {"avg"}
+    assert max(report["max_abs_diff"]["score"].values()) < 1e-4
+    assert report["speedup_median"]["cpu"] > 0 and "| median wall s |" in proc.stdout
+
+
 # ---------------------------------------------------------------- end to end
 
 
@@ -189,6 +295,12 @@ def test_cli_model_path_that_is_not_a_model(tmp_path, data_dir, capsys):
     err = capsys.readouterr().err
     assert code != 0
     assert str(not_a_model) in err and "config.json" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_batch_limits_must_be_positive(tmp_path, capsys):
+    code = eval_main(["--model", "unused", "--data-dir", str(tmp_path), "--max-tokens", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--max-tokens 0: must be at least 1" in err and len(err.strip().splitlines()) == 1
 
 
 def test_cli_unknown_task_lists_valid_ones(tmp_path, capsys):

@@ -11,7 +11,7 @@ class SupportsEncode(Protocol):
     """What the evaluators need from a model (``hncse_dist.encoder.Encoder`` has it)."""
 
     def encode(self, sentences: Sequence[str], batch_size: int = ..., max_length: int = ...,
-               progress: bool = ...):  # -> torch.Tensor | np.ndarray [n, d]
+               progress: bool = ...):  # -> torch.Tensor | np.ndarray [n, d]; may take max_tokens=
         ...
 
 
@@ -32,10 +32,13 @@ class EmbeddingTable:
         batch_size: int = 128,
         max_length: int = 512,
         progress: bool = False,
+        max_tokens: int | None = None,
     ) -> "EmbeddingTable":
-        """Encode the distinct sentences in a single ``encoder.encode`` call."""
+        """Encode the distinct sentences in a single ``encoder.encode`` call (``max_tokens``:
+        token positions per batch, passed on when given; None: the encoder's default)."""
         unique = list(dict.fromkeys(sentences))
-        vectors = encoder.encode(unique, batch_size=batch_size, max_length=max_length, progress=progress)
+        extra = {} if max_tokens is None else {"max_tokens": max_tokens}
+        vectors = encoder.encode(unique, batch_size=batch_size, max_length=max_length, progress=progress, **extra)
         if hasattr(vectors, "numpy"):
             vectors = vectors.detach().cpu().float().numpy()
         return cls(unique, vectors)

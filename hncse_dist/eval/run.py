@@ -11,7 +11,7 @@ from typing import Sequence
 
 from .data import DATA_DIR_ENV, default_data_dir
 from .embed import EmbeddingTable
-from ..encoder import POOLERS
+from ..encoder import DEFAULT_MAX_TOKENS, POOLERS
 from .sts import STS_TASKS, load_sts_task, score_sts
 from .transfer import TRANSFER_TASKS, ClassifierConfig, load_transfer_task, score_transfer
 
@@ -37,7 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pooler", choices=POOLERS, default=None,
                    help="default: the pooler saved with the model, else cls (no MLP head at evaluation)")
     p.add_argument("--output", default=None, help="write results as JSON here")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=128, help="the most sentences in an encoder batch")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help=f"the most token positions in an encoder batch (default {DEFAULT_MAX_TOKENS}; "
+                        "a GPU gains from more)")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--threads", type=int, default=None,
@@ -121,6 +124,9 @@ def _log(message: str) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
+    for flag, value in (("--batch-size", args.batch_size), ("--max-tokens", args.max_tokens)):
+        if value is not None and value < 1:
+            raise EvalError(f"{flag} {value}: must be at least 1")
     sts_names, transfer_names = parse_tasks(args.tasks)
     data_dir = resolve_data_dir(args.data_dir)
     # Data problems surface before the (slow) model load.
@@ -129,10 +135,11 @@ def run(args: argparse.Namespace) -> dict:
     sentences = (s for task in sts_tasks + transfer_tasks for s in task.sentences())
     start = time.perf_counter()
     table = EmbeddingTable.encode(encoder, sentences, args.batch_size, args.max_length,
-                                  progress=not args.no_progress)
+                                  progress=not args.no_progress, max_tokens=args.max_tokens)
     results: dict = {
         "model": args.model, "pooler": encoder.pooler, "data_dir": str(data_dir),
-        "batch_size": args.batch_size, "max_length": args.max_length,
+        "batch_size": args.batch_size, "max_tokens": args.max_tokens or DEFAULT_MAX_TOKENS,
+        "max_length": args.max_length,
         "sentences_encoded": len(table), "encode_seconds": round(time.perf_counter() - start, 2),
     }
     _log(f"encoded {len(table)} distinct sentences in {results['encode_seconds']} s")
