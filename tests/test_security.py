@@ -69,6 +69,59 @@ def error_lines(proc):
     return [l for l in proc.stderr.splitlines() if "hncse-dist train: error:" in l]
 
 
+class WorldOfTwo:
+    """What ``Checkpointer.load`` asks of its Accelerator: a world of 2 (rank 0), and
+    ``load_state``, which only records that the libraries' own loading was reached."""
+
+    num_processes, process_index = 2, 0
+
+    def __init__(self):
+        self.loaded = []
+
+    def load_state(self, path):
+        self.loaded.append(path)
+
+
+def refusal_per_planted_file(ckpt, names, tmp_path):
+    """Plant the payload in each file of a copy of ``ckpt`` in turn and load the copy the way a
+    resume does (``Checkpointer.load``, in this process). Returns, per file: whether the payload
+    ran, whether loading went on to the libraries, and the refusal (None if none)."""
+    from hncse_dist.checkpoint import Checkpointer, CheckpointRefused
+
+    seen = {}
+    for i, name in enumerate(names):
+        copy = tmp_path / f"c{i}" / ckpt.name
+        shutil.copytree(ckpt, copy)
+        marker = tmp_path / f"marker{i}"
+        plant(copy / name, marker)
+        acc = WorldOfTwo()
+        try:
+            Checkpointer(copy.parent, acc).load(copy)
+            refusal = None
+        except CheckpointRefused as err:
+            refusal = str(err)
+        seen[str(name)] = (marker.exists(), bool(acc.loaded), refusal, copy)
+    return seen
+
+
+def assert_each_refused_by_name(seen):
+    ran = [n for n, (r, _, _, _) in seen.items() if r]
+    assert ran == [], f"the payload ran when planted in {ran}"
+    went_on = [n for n, (_, loaded, _, _) in seen.items() if loaded]
+    assert went_on == [], f"loading went on to the libraries with the payload in {went_on}"
+    unclear = [(n, why) for n, (_, _, why, copy) in seen.items()
+               if not (why and why.startswith(f"refusing checkpoint {copy}: {n} "))]
+    assert unclear == []
+
+
+def plant_all(ckpt, names, marker_dir):
+    """The payload in every file of ``names`` at once, each with its own marker."""
+    markers = [marker_dir / f"marker-{ckpt.parents[1].name}-{i}" for i in range(len(names))]
+    for name, marker in zip(names, markers):
+        plant(ckpt / name, marker)
+    return markers
+
+
 @pytest.mark.slow
 @pytest.mark.dist
 def test_payload_in_any_file_of_a_ddp_checkpoint_never_runs(tmp_path, tiny_bert, corpus, ddp_run):
@@ -76,19 +129,19 @@ def test_payload_in_any_file_of_a_ddp_checkpoint_never_runs(tmp_path, tiny_bert,
     names = files_of(ddp_run / ckpt_rel)
     assert {"COMPLETE", "model.safetensors", "optimizer.bin", "random_states_0.pkl", "random_states_1.pkl",
             "hncse_rank0.pt", "hncse_rank1.pt"} <= {str(n) for n in names}
-    ran, resumed, unclear = [], [], []
-    for i, name in enumerate(names):
-        out = run_copy(ddp_run, tmp_path / f"r{i}")
-        marker = tmp_path / f"marker{i}"
-        plant(out / ckpt_rel / name, marker)
-        proc = resume(tmp_path, tiny_bert, corpus, out)
-        ran += [str(name)] if marker.exists() else []
-        resumed += [str(name)] if proc.returncode == 0 else []
-        lines = error_lines(proc)
-        if not (lines and lines[0].startswith(f"hncse-dist train: error: refusing checkpoint {out / ckpt_rel}: {name} ")):
-            unclear.append((str(name), proc.stderr[-1500:]))
-    assert ran == [], f"the payload ran when planted in {ran}"
-    assert resumed == [] and unclear == []
+    # every file in turn, through the resume's loading path: refused by name before anything unpickles it
+    assert_each_refused_by_name(refusal_per_planted_file(ddp_run / ckpt_rel, names, tmp_path))
+    # one real resume of 2 processes through the CLI, the payload in every file but COMPLETE (which
+    # would be refused before any other file is read): none runs, the first file read is named
+    out = run_copy(ddp_run, tmp_path / "real")
+    planted = [n for n in names if str(n) != "COMPLETE"]
+    markers = plant_all(out / ckpt_rel, planted, tmp_path)
+    proc = resume(tmp_path, tiny_bert, corpus, out)
+    assert [str(n) for n, m in zip(planted, markers) if m.exists()] == [], "the payload ran on resume"
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = error_lines(proc)
+    assert lines and lines[0].startswith(
+        f"hncse-dist train: error: refusing checkpoint {out / ckpt_rel}: {planted[0]} "), proc.stderr[-3000:]
 
 
 @pytest.mark.slow
@@ -99,26 +152,34 @@ def test_payload_in_every_file_of_a_zero2_checkpoint_never_runs(tmp_path, tiny_b
     ds = {"deepspeed": "ds_configs/zero2.json"}
     run_cli(["train", "--nproc-per-node", "2", *common(tiny_bert, corpus, out, max_steps=4, save_every=2, **ds)],
             timeout=900)
-    ckpt = out / "checkpoints" / "step-00000004"
-    names = [str(n) for n in files_of(ckpt)]
-    assert "pytorch_model/mp_rank_00_model_states.pt" in names
-    assert "pytorch_model/zero_pp_rank_1_mp_rank_00_optim_states.pt" in names
-    # one launch per planted file: every file DeepSpeed or Accelerate would unpickle is guarded
-    ran, resumed, unclear = [], [], []
-    for i, name in enumerate(names):
-        run = run_copy(out, tmp_path / f"r{i}")
-        marker = tmp_path / f"marker{i}"
-        plant(run / "checkpoints" / "step-00000004" / name, marker)
-        proc = resume(tmp_path, tiny_bert, corpus, run, timeout=600, **ds)
-        ran += [name] if marker.exists() else []
-        resumed += [name] if proc.returncode == 0 else []
-        lines = error_lines(proc)
-        if name.endswith(".py"):
-            continue  # DeepSpeed's scripts are never run on resume: the run may go on
-        if not (lines and lines[0].startswith(f"hncse-dist train: error: refusing checkpoint {run / 'checkpoints' / 'step-00000004'}: {name} ")):
-            unclear.append((name, proc.stderr[-1500:]))
-    assert ran == [], f"the payload ran when planted in {ran}"
-    assert [n for n in resumed if not n.endswith(".py")] == [] and unclear == []
+    ckpt_rel = "checkpoints/step-00000004"
+    ckpt = out / ckpt_rel
+    names = files_of(ckpt)
+    assert "pytorch_model/mp_rank_00_model_states.pt" in map(str, names)
+    assert "pytorch_model/zero_pp_rank_1_mp_rank_00_optim_states.pt" in map(str, names)
+    scripts = [n for n in names if n.suffix == ".py"]
+    data = [n for n in names if n.suffix != ".py"]
+    assert scripts and data
+    # every file DeepSpeed or Accelerate would unpickle is guarded: each in turn, through the
+    # resume's loading path, is refused by name before anything unpickles it
+    assert_each_refused_by_name(refusal_per_planted_file(ckpt, data, tmp_path))
+    # ... and on a real ZeRO-2 resume through the CLI, with the payload in every file but COMPLETE
+    run = run_copy(out, tmp_path / "real")
+    planted = [n for n in data if str(n) != "COMPLETE"]
+    markers = plant_all(run / ckpt_rel, planted, tmp_path)
+    proc = resume(tmp_path, tiny_bert, corpus, run, timeout=600, **ds)
+    assert [str(n) for n, m in zip(planted, markers) if m.exists()] == [], "the payload ran on resume"
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = error_lines(proc)
+    assert lines and lines[0].startswith(
+        f"hncse-dist train: error: refusing checkpoint {run / ckpt_rel}: {planted[0]} "), proc.stderr[-3000:]
+    # DeepSpeed's scripts are never run on a real ZeRO-2 resume: the run goes on to the end
+    run = run_copy(out, tmp_path / "scripts")
+    markers = plant_all(run / ckpt_rel, scripts, tmp_path)
+    proc = resume(tmp_path, tiny_bert, corpus, run, timeout=600, **ds)
+    assert [str(n) for n, m in zip(scripts, markers) if m.exists()] == [], "a planted script ran on resume"
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from {run / ckpt_rel} at step 4" in proc.stdout + proc.stderr
     # a clean ZeRO-2 checkpoint passes the check (DeepSpeed's own classes are allowed, nothing else)
     from hncse_dist.checkpoint import check_files
 
