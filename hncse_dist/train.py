@@ -10,6 +10,7 @@ import math
 import os
 import signal
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -61,18 +62,28 @@ class EvalFailed(RuntimeError):
 
 class PreemptionFlag:
     """Set by SIGTERM / SIGUSR1 (Slurm's warning signals) and SIGINT (Ctrl-C); acted on
-    between steps: checkpoint, then exit. A second SIGINT interrupts at once."""
+    between steps: checkpoint, then exit. A second SIGINT interrupts at once.
+
+    One Ctrl-C in a terminal reaches a rank twice under ``--nproc-per-node``: from the
+    terminal (the ranks share the launcher's process group) and forwarded by the launcher.
+    A SIGINT within ``SAME_PRESS_S`` of the first is that same press, not a second one."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    SAME_PRESS_S = 1.0
 
     def __init__(self) -> None:
         self.raised: int | None = None
+        self._first_sigint: float | None = None
         for sig in self.SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        if signum == signal.SIGINT and self.raised == signal.SIGINT:
-            raise KeyboardInterrupt
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            if self._first_sigint is None:
+                self._first_sigint = now
+            elif now - self._first_sigint >= self.SAME_PRESS_S:
+                raise KeyboardInterrupt
         self.raised = signum
 
     @property

@@ -148,3 +148,26 @@ def test_a_training_step_reads_the_device_once(make_trainer, objective):
         result = trainer.train_step(group)
     assert result.stepped
     assert len(syncs.seen) == 1, syncs.seen
+
+
+def test_one_ctrl_c_delivered_twice_is_one_press(monkeypatch):
+    """Under --nproc-per-node a terminal's Ctrl-C reaches a rank from the process group and
+    from the launcher: that is one press (checkpoint, exit 130); a press a second later is a
+    second one (interrupt at once)."""
+    import hncse_dist.train as train
+
+    saved = {s: signal.getsignal(s) for s in train.PreemptionFlag.SIGNALS}
+    try:
+        clock = [100.0]
+        monkeypatch.setattr(train.time, "monotonic", lambda: clock[0])
+        flag = train.PreemptionFlag()
+        flag._handle(signal.SIGINT, None)
+        clock[0] += 0.01
+        flag._handle(signal.SIGINT, None)  # the forwarded copy of the same press
+        assert flag.raised == signal.SIGINT and flag.exit_code == 130
+        clock[0] += 1.5
+        with pytest.raises(KeyboardInterrupt):
+            flag._handle(signal.SIGINT, None)
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
