@@ -23,9 +23,13 @@ Checks (the script exits 1 if one fails):
   * the reported Spearman agrees to --score-tolerance (1e-4).
 Why the reported Spearman is compared to 1e-4 only: a float32 embedding depends on the other
 sentences of its batch at the 1e-7 level. Ours encodes a repeated sentence once, so repeated
-and self-identical pairs (STS12 has 206 and 79) tie exactly, while the naive run breaks those
-ties with rounding noise, which moves STS12's Spearman by ~2e-5 whatever the noise's size.
-Rounding the cosines restores the ties, and then the two agree.
+pairs (STS12 has 206) tie exactly, while the naive run breaks those ties with rounding noise,
+and breaking them moves STS12's Spearman by ~1e-5 whatever the noise's size (reported: our
+cosines plus 1e-9 Gaussian noise, 3 seeds). Rounding the cosines restores the ties; then the
+two agree.
+Also reported: the token positions (padding included) each evaluator runs through the model.
+The matrix products take most of both evaluators' time, so at equal threads the ratio of
+positions bounds the speed-up.
 Writes ``bench/results/eval_speed.json`` and prints a markdown table.
 """
 
@@ -45,7 +49,7 @@ from scipy import stats
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from hncse_dist.encoder import Encoder  # noqa: E402
+from hncse_dist.encoder import DEFAULT_MAX_TOKENS, Encoder, _length_batches  # noqa: E402
 from hncse_dist.eval.embed import EmbeddingTable  # noqa: E402
 from hncse_dist.eval.sts import (  # noqa: E402
     STS_TASKS, STS_YEARS, load_sts_task, pair_similarities, score_sts, spearman,
@@ -113,6 +117,22 @@ def naive_sts(encoder: Encoder, data_dir: Path, batch_size: int, max_length: int
     return {"scores": scores, "gold": golds, "sims": sims, "encoded": encoded}
 
 
+def token_positions(encoder: Encoder, data_dir: Path, batch_size: int, max_length: int) -> dict:
+    """Token positions each evaluator runs through the model, padding included: the work."""
+    def tokens(sentences) -> list[list[int]]:
+        return encoder.tokenizer(list(sentences), truncation=True, max_length=max_length)["input_ids"]
+
+    naive = 0
+    for task in STS_TASKS:
+        for side in naive_pairs(data_dir, task)[:2]:
+            n = [len(ids) for ids in tokens(side)]
+            naive += sum(len(n[s:s + batch_size]) * max(n[s:s + batch_size]) for s in range(0, len(n), batch_size))
+    sentences = {s for name in STS_TASKS for s in load_sts_task(data_dir, name).sentences()}
+    n = [len(ids) for ids in {tuple(ids) for ids in tokens(sentences)}]
+    ours = sum(len(b) * max(n[i] for i in b) for b in _length_batches(n, batch_size, DEFAULT_MAX_TOKENS))
+    return {"ours": ours, "naive": naive, "ratio": round(naive / ours, 3)}
+
+
 EVALUATORS = {"ours": ours_sts, "naive": naive_sts}
 
 # ---------------------------------------------------------------- driver
@@ -148,6 +168,13 @@ def differences(ours: dict, naive: dict) -> dict:
         "rounded_score": {t: abs(rounded(ours, t) - rounded(naive, t)) for t in STS_TASKS},
         "cosine": max(float(np.abs(ours["sims"][t] - naive["sims"][t]).max()) for t in STS_TASKS),
     }
+
+
+def tie_sensitivity(run: dict, seeds: int = 3, sigma: float = 1e-9) -> dict:
+    """How far each task's Spearman moves when noise of ``sigma`` breaks the ties of ``run``'s cosines."""
+    rng = np.random.default_rng(0)
+    return {t: max(abs(spearman(run["gold"][t], run["sims"][t] + rng.normal(0, sigma, len(run["sims"][t])))
+                       - spearman(run["gold"][t], run["sims"][t])) for _ in range(seeds)) for t in STS_TASKS}
 
 
 def markdown(scores: dict, diff: dict, speedup: dict, seconds: dict) -> str:
@@ -186,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     speedup = {kind: float(np.median(r)) for kind, r in ratios.items()}
     diff = differences(runs["ours"], runs["naive"])
     scores = {name: run["scores"] for name, run in runs.items()}
+    positions = token_positions(encoder, args.data_dir, args.batch_size, args.max_length)
+    ties = tie_sensitivity(runs["ours"])
     report = {
         "model": args.model, "pooler": args.pooler, "batch_size": args.batch_size, "max_length": args.max_length,
         "device": "cpu", "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
@@ -195,13 +224,18 @@ def main(argv: list[str] | None = None) -> int:
         "speedup_per_repeat": {k: [round(r, 3) for r in v] for k, v in ratios.items()},
         "speedup_median": {k: round(v, 3) for k, v in speedup.items()},
         "sentences_encoded": {name: run["encoded"] for name, run in runs.items()},
+        "token_positions": positions,
+        "ours_spearman_moved_by_1e-9_noise": ties,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
     print(markdown(scores, diff, speedup, seconds))
     worst = {k: max(v.values()) if isinstance(v, dict) else v for k, v in diff.items()}
     print(f"max |diff|: scores {worst['score']:.1e}, scores on rounded cosines {worst['rounded_score']:.1e}, "
-          f"cosines {worst['cosine']:.1e}; load average {min(load):.1f}-{max(load):.1f}; results in {args.output}")
+          f"cosines {worst['cosine']:.1e}; ours with ties broken by 1e-9 noise moves by up to "
+          f"{max(ties.values()):.1e} ({max(ties, key=ties.get)})")
+    print(f"token positions through the model: ours {positions['ours']:,}, naive {positions['naive']:,} "
+          f"({positions['ratio']:.2f}x); load average {min(load):.1f}-{max(load):.1f}; results in {args.output}")
     failed = (worst["rounded_score"] > args.tolerance or worst["score"] > args.score_tolerance
               or worst["cosine"] > args.cos_tolerance)
     if failed:

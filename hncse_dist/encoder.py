@@ -324,7 +324,6 @@ class Encoder(nn.Module):
             list(sentences), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
         )
 
-    @torch.inference_mode()
     def encode(
         self,
         sentences: Sequence[str],
@@ -341,8 +340,16 @@ class Encoder(nn.Module):
         holds sequences of one length (``_length_batches``; only a length distribution's long
         tail shares padded batches): no padding, no attention mask, and the padding-free
         forward needs no index bookkeeping. The embeddings stay on ``device`` until one copy
-        at the end (no synchronisation per batch). The model is in eval mode for the call.
+        at the end (no synchronisation per batch). The model is in eval mode for the call, and
+        no autograd graph is built.
         """
+        # ZeRO-3 gathers the parameters inside the forward: gathered under inference_mode, they
+        # would reach the next training step's autograd (which refuses inference tensors).
+        with torch.no_grad() if zero3_partitioned(self) else torch.inference_mode():
+            return self._encode(sentences, batch_size, max_length, device, progress, max_tokens)
+
+    def _encode(self, sentences: Sequence[str], batch_size: int, max_length: int,
+                device: torch.device | str | None, progress: bool, max_tokens: int) -> torch.Tensor:
         was_training = self.training
         self.eval()
         device = torch.device(device) if device is not None else next(self.parameters()).device
@@ -357,10 +364,12 @@ class Encoder(nn.Module):
             from tqdm.auto import tqdm
 
             batches = tqdm(batches, desc="encode", unit="batch")
-        for idx in batches:
-            emb = self._encode_batch([seqs[i] for i in idx], device)
-            out[torch.tensor(idx).to(device, non_blocking=True)] = emb.float()
-        self.train(was_training)
+        try:
+            for idx in batches:
+                emb = self._encode_batch([seqs[i] for i in idx], device)
+                out[torch.tensor(idx).to(device, non_blocking=True)] = emb.float()
+        finally:
+            self.train(was_training)
         position = {s: row_of_unique[i] for i, s in enumerate(unique)}
         return out.cpu()[[position[s] for s in sentences]]
 

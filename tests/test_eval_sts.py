@@ -232,6 +232,23 @@ def test_fast_evaluator_spearman_equals_a_naive_one(eval_tiny_bert, data_dir, tm
 
 
 @pytest.mark.slow
+@pytest.mark.deepspeed
+@pytest.mark.dist
+def test_zero3_training_goes_on_after_a_dev_evaluation(tmp_path, tiny_bert, corpus):
+    # Under ZeRO-3 the evaluation's forwards gather the parameters; under inference_mode the
+    # next training step then failed ("Inference tensors cannot be saved for backward").
+    from tests.test_train_e2e import common, run_cli
+
+    out = tmp_path / "run"
+    run_cli(["train", "--nproc-per-node", "2", *common(tiny_bert, corpus, out, eval_every=2, save_every=0,
+                                                          deepspeed="ds_configs/zero3.json")], timeout=900)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    scores = [r["eval/stsb_dev_spearman"] for r in records if "eval/stsb_dev_spearman" in r]
+    assert len(scores) == 2 and all(-100 < s < 100 for s in scores)
+
+
+@pytest.mark.slow
 def test_eval_speed_bench_runs_and_its_evaluators_agree(eval_tiny_bert, data_dir, tmp_path):
     out = tmp_path / "eval_speed.json"
     # rounding a random model's cosines (all within 0.94-1.0) to 5 decimals makes many near
