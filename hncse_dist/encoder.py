@@ -343,9 +343,10 @@ class Encoder(nn.Module):
         at the end (no synchronisation per batch). The model is in eval mode for the call, and
         no autograd graph is built.
         """
-        # ZeRO-3 gathers the parameters inside the forward: gathered under inference_mode, they
-        # would reach the next training step's autograd (which refuses inference tensors).
-        with torch.no_grad() if zero3_partitioned(self) else torch.inference_mode():
+        # no_grad, not inference_mode: tensors made under inference_mode (ZeRO-3's gathered
+        # parameters, a model's lazily built caches) would reach the next training step's
+        # autograd, which refuses them.
+        with torch.no_grad():
             return self._encode(sentences, batch_size, max_length, device, progress, max_tokens)
 
     def _encode(self, sentences: Sequence[str], batch_size: int, max_length: int,
