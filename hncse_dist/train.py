@@ -489,7 +489,7 @@ class Trainer:
                 message = self.skips.skipped(step)  # raises TrainingDiverged after too many
                 if message:
                     acc.print(message)
-                if result.preempted:
+                if result.preempted or all_ranks_agree(self.preempt.raised is not None, acc.device):
                     exit_code = self._checkpoint_and_exit(step)
                     break
                 continue
@@ -501,7 +501,10 @@ class Trainer:
             if self.window.eval_due(step):
                 maybe_eval(cfg, acc, self.model, self.state, self.log, self.out_dir, step, save=self.ckpt.save,
                            card=self.card())
-            if result.preempted:
+            # Decided again here, before the next batch is fetched: a signal that came during
+            # the step's end or the evaluation is acted on now (Slurm signals the DataLoader
+            # workers too, and the next fetch would find them gone).
+            if result.preempted or all_ranks_agree(self.preempt.raised is not None, acc.device):
                 exit_code = self._checkpoint_and_exit(step)
                 break
             if self.ckpt.due(step, self.steps):
