@@ -42,11 +42,11 @@ def train(name: str, work: Path, shards: Path, args, overrides: dict) -> dict:
     out = work / "runs" / name
     if not (out / "summary.json").is_file():
         start = time.time()
-        proc = cli("train", f"train_shards={shards}", f"output_dir={out}",
-                   f"max_steps={overrides.pop('max_steps', args.steps)}", f"batch_size={args.batch_size}",
-                   f"mixed_precision={args.precision}", f"eval_every={args.eval_every}", "save_every=0", "keep_last=1",
-                   "progress=false", "log_every=25", "num_workers=1", "max_seq_length=32", "learning_rate=3e-5",
-                   *[f"{k}={v}" for k, v in overrides.items()])
+        keys = {"max_steps": args.steps, "batch_size": args.batch_size, "mixed_precision": args.precision,
+                "eval_every": args.eval_every, "save_every": 0, "keep_last": 1, "progress": "false", "log_every": 25,
+                "num_workers": 1, "max_seq_length": 32, "learning_rate": 3e-5, **overrides}
+        proc = cli("train", f"train_shards={shards}", f"output_dir={out}", *[f"{k}={v}" for k, v in keys.items()],
+                   threads=getattr(args, "threads", None))
         if proc.returncode != 0:
             raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
         print(f"  trained {name} in {time.time() - start:.0f} s", flush=True)

@@ -1,0 +1,186 @@
+"""The paper's ablation from a non-contrastive start: SimCSE, PM, HNM and HNCSE from a small BERT
+pretrained only with MLM (bench/pretrain_mlm.py), then PM's open choices on STS-B dev.
+Protocol and results: BENCHMARKS.md ("Ablation from an MLM start").
+
+    python bench/pretrain_mlm.py                      # builds runs/mlm-L4-H256 when absent
+    python bench/ablation.py                          # 4 objectives x 3 seeds, then the PM sweep
+    python bench/ablation.py --steps 20 --eval-every 10 --seeds 1 --sweep-seeds 1 --transfer-seeds 0   # smoke
+
+Results accumulate in bench/results/ablation.json (a rerun skips finished runs); the tables go
+to ablation.md and the PM trigger-rate plot to ablation_pm.svg.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from common import REPO_ROOT, cli, corpus, data_root, md_table, need_file, parser
+from quality import TASKS, prepare_shards, train
+
+OBJECTIVES = ("simcse", "pm", "hnm", "hncse")
+TRANSFER = ["MR", "CR", "SUBJ", "MPQA", "SST2", "TREC", "MRPC"]
+TRACE = ("pm/trigger_rate", "cos/positive", "cos/hardest_negative")
+# PM's open choices, one factor at a time around the defaults (threshold 0.1, weights 0.8/0.2)
+PM_SWEEP = [{"pm_threshold": t} for t in (0.05, 0.2, 0.3)] + [
+    {"pm_w1": a, "pm_w2": round(1 - a, 2)} for a in (0.6, 0.9)]
+
+
+def evaluate(model: str, out: Path, tasks: str, threads: int, pooler: str | None = None) -> dict:
+    """``hncse-dist eval`` (default pooler: the checkpoint's own, i.e. [CLS] without the MLP head)."""
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        proc = cli("eval", "--model", model, "--tasks", tasks, "--output", str(out), "--no-progress",
+                   "--data-dir", str(data_root()), "--threads", str(threads), *(["--pooler", pooler] if pooler else []))
+        if proc.returncode != 0:
+            raise RuntimeError(f"eval of {model} failed:\n{proc.stderr[-3000:]}")
+    res = json.loads(out.read_text())
+    scores = {**res.get("sts", {}), **res.get("transfer", {})}
+    if "sts" in res:
+        scores["avg"] = statistics.mean(scores[t] for t in TASKS)
+    if "transfer" in res:
+        scores["transfer_avg"] = statistics.mean(scores[t] for t in TRANSFER)
+    return scores
+
+
+def trace(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [{"step": r["step"], **{k: r[k] for k in TRACE if k in r}} for r in rows if any(k in r for k in TRACE)]
+
+
+def svg_plot(series: dict[str, list[tuple[int, float]]], path: Path, title: str) -> None:
+    """A line plot with no plotting library: steps on x, values (0..1) on y."""
+    w, h, pad = 640, 320, 40
+    xmax = max((x for pts in series.values() for x, _ in pts), default=1)
+    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
+             f'font-size="11"><rect width="{w}" height="{h}" fill="white"/>',
+             f'<text x="{pad}" y="16">{title}</text>',
+             f'<line x1="{pad}" y1="{h - pad}" x2="{w - 10}" y2="{h - pad}" stroke="black"/>',
+             f'<line x1="{pad}" y1="{h - pad}" x2="{pad}" y2="20" stroke="black"/>',
+             f'<text x="{w - 60}" y="{h - 10}">step {xmax}</text>']
+    for tick in (0, 0.5, 1):
+        y = h - pad - tick * (h - pad - 20)
+        parts.append(f'<text x="8" y="{y + 4:.0f}">{tick}</text>')
+    for i, (name, pts) in enumerate(series.items()):
+        c = colors[i % len(colors)]
+        xy = " ".join(f"{pad + x / xmax * (w - pad - 10):.1f},{h - pad - v * (h - pad - 20):.1f}" for x, v in pts)
+        parts += [f'<polyline fill="none" stroke="{c}" stroke-width="1.5" points="{xy}"/>',
+                  f'<text x="{w - 230}" y="{34 + 14 * i}" fill="{c}">{name}</text>']
+    path.write_text("\n".join(parts + ["</svg>"]) + "\n")
+
+
+def mean_std(values: list[float]) -> str:
+    return f"{statistics.mean(values):.2f}" + (f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else "")
+
+
+def markdown(results: dict) -> str:
+    cols = [*TASKS, "avg", "transfer_avg"]
+    rows = [[f"MLM start, untrained ({p})", "-", *(f"{results['untrained'][p].get(k, float('nan')):.2f}" for k in cols)]
+            for p in ("cls_before_pooler", "avg") if p in results.get("untrained", {})]
+    for obj in OBJECTIVES:
+        rs = [r for r in results["runs"].values() if r["objective"] == obj]
+        if rs:
+            cells = [[r["test"][k] for r in rs if k in r["test"]] for k in cols]
+            rows.append([obj, len(rs), *(mean_std(v) + ("" if len(v) == len(rs) else f" (n={len(v)})") if v else "-"
+                                         for v in cells)])
+    dev = [[obj, mean_std([r["best_stsb_dev"] for r in results["runs"].values() if r["objective"] == obj]),
+            mean_std([r["pm_trigger_mean"] for r in results["runs"].values() if r["objective"] == obj])
+            if obj in ("pm", "hncse") else "-"] for obj in OBJECTIVES
+           if any(r["objective"] == obj for r in results["runs"].values())]
+    sweep = [[json.dumps(s["overrides"]), len(s["dev"]), mean_std(s["dev"]), mean_std(s["trigger"])]
+             for s in results.get("sweep", {}).values()]
+    return ("Test (STS Spearman x100, SentEval accuracy), mean ± std over seeds; checkpoint chosen on STS-B dev:\n\n"
+            + md_table(["model", "seeds", *cols], rows)
+            + "\nSTS-B dev (best, x100) and PM's mean trigger rate over training:\n\n"
+            + md_table(["objective", "best STS-B dev", "pm/trigger_rate"], dev)
+            + "\nPM sweep (objective pm, STS-B dev only):\n\n"
+            + md_table(["overrides", "seeds", "best STS-B dev", "pm/trigger_rate"], sweep))
+
+
+def main() -> None:
+    ap = parser(__doc__)
+    ap.add_argument("--model", default=str(REPO_ROOT / "runs" / "mlm-L4-H256"), help="the MLM-pretrained start")
+    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--sweep-seeds", type=int, default=2, help="seeds per PM sweep setting (0: no sweep)")
+    ap.add_argument("--precision", default="bf16")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--transfer-seeds", type=int, default=1,
+                    help="seeds whose checkpoints also run the SentEval transfer tasks (the rest: STS only)")
+    ap.add_argument("--work", default=str(REPO_ROOT / "runs" / "ablation"))
+    ap.add_argument("--results", default=str(REPO_ROOT / "bench" / "results" / "ablation.json"))
+    args = ap.parse_args()
+    need_file(corpus(), "set HNCSE_DATA_DIR to the folder holding corpus/ and sts/")
+    need_file(Path(args.model) / "config.json", "build the start with: python bench/pretrain_mlm.py")
+    work, path = Path(args.work), Path(args.results)
+    work.mkdir(parents=True, exist_ok=True)
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    results["setup"] = {k: v for k, v in vars(args).items() if k not in ("work", "results")}
+    runs, sweep = results.setdefault("runs", {}), results.setdefault("sweep", {})
+
+    def save() -> None:
+        path.write_text(json.dumps(results, indent=2) + "\n")
+
+    tasks = "all" if args.transfer_seeds else "sts"
+    shards = prepare_shards(work, lines=max(40_000, args.steps * args.batch_size + 1000))
+    if "untrained" not in results:
+        results["untrained"] = {}
+    for pooler in ("cls_before_pooler", "avg"):
+        if pooler not in results["untrained"]:
+            results["untrained"][pooler] = evaluate(args.model, work / f"untrained-{pooler}.json", tasks,
+                                                    args.threads, pooler)
+            save()
+    base = {"model_name_or_path": args.model, "learning_rate": args.lr}
+
+    def one(name: str, overrides: dict, test: str | None) -> dict:
+        s = train(name, work, shards, args, {**base, **overrides})
+        points = trace(Path(s["dir"]))
+        rates = [p["pm/trigger_rate"] for p in points if "pm/trigger_rate" in p]
+        rec = {**overrides, "best_stsb_dev": s["best_stsb_dev"], "trace": points,
+               "pm_trigger_mean": statistics.mean(rates) if rates else None}
+        if test:
+            rec["test"] = evaluate(str(Path(s["dir"]) / "best"), Path(s["dir"]) / f"eval-{test}.json", test,
+                                   args.threads)
+        return rec
+
+    for seed in range(args.seeds):
+        for obj in OBJECTIVES:
+            name = f"{obj}-seed{seed}"
+            if name not in runs:
+                runs[name] = one(name, {"objective": obj, "seed": seed},
+                                 test="all" if seed < args.transfer_seeds else "sts")
+                save()
+    for opt in PM_SWEEP if args.sweep_seeds else []:
+        key = json.dumps(opt, sort_keys=True)
+        entry = sweep.setdefault(key, {"overrides": opt, "dev": [], "trigger": []})
+        for seed in range(len(entry["dev"]), args.sweep_seeds):
+            rec = one(f"sweep-{'-'.join(f'{k}{v}' for k, v in opt.items())}-seed{seed}",
+                      {"objective": "pm", "seed": seed, **opt}, test=None)
+            entry["dev"].append(rec["best_stsb_dev"])
+            entry["trigger"].append(rec["pm_trigger_mean"])
+            save()
+    if sweep:  # the defaults' row, from the ablation's PM runs
+        pm_runs = [r for r in runs.values() if r["objective"] == "pm"][: args.sweep_seeds]
+        sweep[json.dumps({"pm_threshold": 0.1, "pm_w1": 0.8, "pm_w2": 0.2})] = {
+            "overrides": {"default": "pm_threshold 0.1, pm_w 0.8/0.2"},
+            "dev": [r["best_stsb_dev"] for r in pm_runs], "trigger": [r["pm_trigger_mean"] for r in pm_runs]}
+    save()
+    series = {f"{obj} seed{r['seed']} {k.split('/')[-1]}": [(p["step"], p[k]) for p in r["trace"] if k in p]
+              for obj in ("pm", "hncse") for r in runs.values() if r["objective"] == obj and r["seed"] == 0
+              for k in ("pm/trigger_rate",)}
+    series.update({f"hncse seed0 {k}": [(p["step"], p[k]) for p in r["trace"] if k in p]
+                   for r in runs.values() if r["objective"] == "hncse" and r["seed"] == 0
+                   for k in ("cos/positive", "cos/hardest_negative")})
+    svg_plot(series, path.with_name("ablation_pm.svg"), "PM trigger rate and cosines over training (MLM start)")
+    table = markdown(results)
+    path.with_suffix(".md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
