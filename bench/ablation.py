@@ -36,7 +36,7 @@ def evaluate(model: str, out: Path, tasks: str, threads: int, pooler: str | None
         if proc.returncode != 0:
             raise RuntimeError(f"eval of {model} failed:\n{proc.stderr[-3000:]}")
     res = json.loads(out.read_text())
-    scores = {**res.get("sts", {}), **res.get("transfer", {})}
+    scores = {k: v for k, v in {**res.get("sts", {}), **res.get("transfer", {})}.items() if isinstance(v, float)}
     if "sts" in res:
         scores["avg"] = statistics.mean(scores[t] for t in TASKS)
     if "transfer" in res:
@@ -122,6 +122,8 @@ def main() -> None:
     results = json.loads(path.read_text()) if path.is_file() else {}
     results["setup"] = {k: v for k, v in vars(args).items() if k not in ("work", "results")}
     runs, sweep = results.setdefault("runs", {}), results.setdefault("sweep", {})
+    for r in runs.values():
+        r.get("test", {}).pop("details", None)
 
     def save() -> None:
         path.write_text(json.dumps(results, indent=2) + "\n")
