@@ -187,10 +187,11 @@ def descendants(pid: int) -> list[int]:
 
 class MemorySampler:
     """While open, every ``interval`` s: the RSS of ``pid`` and of each descendant (``rss``: pid ->
-    MB samples) and the peak PSS of them all together (shared pages split: the machine's real use)."""
+    MB samples), the peak PSS of them all together (shared pages split: the machine's real use) and
+    ``pid``'s own peak RSS (VmHWM; wait4's ru_maxrss would count the forking parent's pages)."""
 
     def __init__(self, pid: int, interval: float = 0.5):
-        self.pid, self.interval, self.rss, self.peak_pss_mb = pid, interval, {}, 0.0
+        self.pid, self.interval, self.rss, self.peak_pss_mb, self.peak_rss_mb = pid, interval, {}, 0.0, 0.0
         self._stop, self._thread = threading.Event(), threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
@@ -200,6 +201,7 @@ class MemorySampler:
                 if (mb := rss_mb(p)) is not None:
                     self.rss.setdefault(p, []).append(mb)
             self.peak_pss_mb = max(self.peak_pss_mb, sum(proc_mb(p, "Pss", "smaps_rollup") or 0.0 for p in pids))
+            self.peak_rss_mb = max(self.peak_rss_mb, proc_mb(self.pid, "VmHWM") or 0.0)
 
     def __enter__(self) -> "MemorySampler":
         self._thread.start()
@@ -229,8 +231,8 @@ def cli(*args: str, timeout: float | None = None, threads: int | None = None) ->
 
 def timed(*args: str, marks: dict[str, str] | None = None, threads: int | None = None) -> dict:
     """``python ARGS``, its output read line by line: seconds from the start to the first line matching
-    each regex of ``marks``, wall and CPU seconds, peak RSS (wait4) and the sampled peak PSS of the
-    process and its descendants (DataLoader workers). A failure raises with the output's tail."""
+    each regex of ``marks``, wall and CPU seconds (wait4), its peak RSS and the peak PSS of it and its
+    descendants (DataLoader workers), sampled every 0.5 s. A failure raises with the output's tail."""
     start, seen, tail = time.perf_counter(), {}, deque(maxlen=40)
     proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO_ROOT, env=env(threads), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -244,7 +246,7 @@ def timed(*args: str, marks: dict[str, str] | None = None, threads: int | None =
     if rc != 0:
         raise RuntimeError(f"{args[:3]} exited {rc}:\n" + "\n".join(tail))
     return {"cmd": " ".join(map(str, args)), "wall_s": time.perf_counter() - start, "marks_s": seen,
-            "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_wait4_mb": usage.ru_maxrss / 1000,
+            "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mb": memory.peak_rss_mb,
             "peak_pss_tree_mb": memory.peak_pss_mb}
 
 

@@ -193,6 +193,9 @@ def markdown(res: dict) -> str:
     def s(x) -> str:
         return "-" if x is None else f"{x:.1f}"
 
+    def rss(v: dict) -> str:  # runs before the sampled VmHWM kept wait4's peak
+        return f"{v.get('peak_rss_wait4_mb', v['peak_rss_mb']):.0f}"
+
     out = ["# Paper-scale recipe check (configs/bert-base-unsup.yaml)\n",
            f"Command: `{res.get('command', '')}`; machine: {res.get('machine', '')}\n"]
     if c := res.get("corpus"):
@@ -200,7 +203,7 @@ def markdown(res: dict) -> str:
                    f"{c['words_mean']:.1f} / median {c['words_median']:.0f} / p95 {c['words_p95']}.\n")
     if "shards" in res:
         out.append(md_table(["`hncse-dist shards`", "wall s", "CPU s", "peak RSS MB", "shards", "samples", "on disk MB"],
-                            [[k, s(v["wall_s"]), s(v.get("cpu_s")), f"{v['peak_rss_wait4_mb']:.0f}", v["shards"],
+                            [[k, s(v["wall_s"]), s(v.get("cpu_s")), rss(v), v["shards"],
                               f"{v['samples']:,}", f"{v['disk_mb']:.0f}"] for k, v in res["shards"].items()]))
     if "stream" in res:
         out.append(md_table(["stream, shuffle_buffer", "first batch s", "batches/s (with start-up)",
@@ -212,7 +215,7 @@ def markdown(res: dict) -> str:
         out.append(md_table(["trainer (tiny model, 20 steps)", "shards ready s", "first step s", "whole run s",
                              "peak trainer RSS MB", "peak PSS MB (trainer + workers)", "implicit shards MB"],
                             [[k, s(t["marks_s"].get("shards_ready")), s(t["marks_s"].get("first_step")), s(t["wall_s"]),
-                              f"{t['peak_rss_wait4_mb']:.0f}", f"{t['peak_pss_tree_mb']:.0f}",
+                              rss(t), f"{t['peak_pss_tree_mb']:.0f}",
                               f"{t['implicit_shards_mb']:.0f}"]
                              for k in ("train_file", "train_shards") if (t := res["train"].get(k))]))
     if e := res.get("estimate"):
