@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from statistics import mean, median
 
-from common import MINILM, REPO_ROOT, RESULTS, MemorySampler, corpus, machine, md_table, parser, timed, write
+from common import MINILM, REPO_ROOT, MemorySampler, corpus, machine, md_table, parser, timed, write
 
 from tests.fixtures import build_tiny_bert
 
