@@ -1,7 +1,7 @@
 """Paper-scale recipe check: configs/bert-base-unsup.yaml on CPU at the size of SimCSE's 1M-sentence
 file with a tiny stand-in model, plus GPU time estimates. Stages and results: BENCHMARKS.md.
 
-    python bench/recipe_check.py [--stages corpus,shards,stream,train,estimate]   # -> bench/results/recipe_check.json, .md
+    python bench/recipe_check.py [--stages corpus,shards,stream,train,estimate]   # -> bench/results/recipe_check.*
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from tests.fixtures import build_tiny_bert
 
 RECIPE = REPO_ROOT / "configs" / "bert-base-unsup.yaml"
 STAGES = ("corpus", "shards", "stream", "train", "estimate")
-STREAM_BATCHES, MFUS, MB = 400, (0.3, 0.4), 1e6
+STREAM_BATCHES, MB = 400, 1e6
 CLI = ("-m", "hncse_dist.cli")
 
 
@@ -61,7 +61,8 @@ def make_corpus(path: Path, lines: int, seed: int = 0) -> dict:
     want, meta_path = {"source": str(corpus()), "lines": lines, "seed": seed}, path.with_suffix(".json")
     if path.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()).get("want") == want:
         return json.loads(meta_path.read_text())
-    start, pool, rng, words = time.perf_counter(), corpus().read_text(encoding="utf-8").splitlines(), random.Random(seed), []
+    start, pool = time.perf_counter(), corpus().read_text(encoding="utf-8").splitlines()
+    rng, words = random.Random(seed), []
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         for _ in range(lines):
@@ -136,9 +137,9 @@ def check_train(text: Path, shard_dir: str, work: Path, steps: int) -> dict:
     return out
 
 
-def estimate(text: Path, samples: int, token_batches: int, bytes_per_param: float | None) -> dict:
+def estimate(text: Path, samples: int, mfus: list[float], token_batches: int, bytes_per_param: float | None) -> dict:
     """Cadences of one epoch and its GPU time: FlopsModel of a bert-base-shaped Encoder (meta device)
-    for real recipe batches, plus the STS-B dev evaluations, over GPU_PEAKS at MFUS."""
+    for real recipe batches, plus the STS-B dev evaluations, over GPU_PEAKS at assumed MFUs."""
     import torch
     from transformers import BertConfig, BertModel
 
@@ -165,12 +166,15 @@ def estimate(text: Path, samples: int, token_batches: int, bytes_per_param: floa
     evals = steps // cfg.eval_every + (steps % cfg.eval_every != 0) if cfg.eval_every else 1
     saves = (steps // cfg.save_every if cfg.save_every else 0) + (not cfg.save_every or steps % cfg.save_every != 0)
     train_flops, eval_flops = steps * flops_step, evals * dev_flops
-    gpus = [{"gpu": name, "peak_half_tflops": half / 1e12,
-             **{k: v for m in MFUS for k, v in ((f"train_min@{m:.0%}", train_flops / (half * m) / 60),
-                                               (f"eval_min@{m:.0%}", eval_flops / (half * m) / 60),
-                                               (f"step_ms@{m:.0%}", flops_step / (half * m) * 1e3),
-                                               (f"sentences_per_s@{m:.0%}", cfg.batch_size / (flops_step / (half * m))))}}
-            for name, half, _ in GPU_PEAKS if name not in ("GH200", "A800")]  # same peaks as H100 / A100
+    gpus = []
+    for name, half, _ in GPU_PEAKS:
+        if name not in ("GH200", "A800"):  # same peaks as H100 / A100
+            gpus.append({"gpu": name, "peak_half_tflops": half / 1e12})
+            for m in mfus:
+                gpus[-1].update({f"train_min@{m:.0%}": train_flops / (half * m) / 60,
+                                 f"eval_min@{m:.0%}": eval_flops / (half * m) / 60,
+                                 f"step_ms@{m:.0%}": flops_step / (half * m) * 1e3,
+                                 f"sentences_per_s@{m:.0%}": cfg.batch_size / (flops_step / (half * m))})
     real = [r for r, _ in stats]
     return {"recipe": {k: getattr(cfg, k) for k in (
                 "batch_size", "max_seq_length", "num_epochs", "learning_rate", "warmup_steps", "eval_every",
@@ -186,7 +190,7 @@ def estimate(text: Path, samples: int, token_batches: int, bytes_per_param: floa
                        "real_fraction": mean(r / (cfg.batch_size * length) for r, length in stats)},
             "flops_per_step": flops_step, "flops_epoch": train_flops, "flops_evals": eval_flops,
             "stsb_dev": {"sentences": len(lengths), "tokens": sum(lengths), "flops": dev_flops},
-            "mfu_assumed": list(MFUS), "gpus": gpus}
+            "mfu_assumed": mfus, "gpus": gpus}
 
 
 def markdown(res: dict) -> str:
@@ -202,7 +206,8 @@ def markdown(res: dict) -> str:
         out.append(f"Stand-in corpus: {c['want']['lines']:,} lines, {c['bytes'] / MB:.0f} MB, words per line mean "
                    f"{c['words_mean']:.1f} / median {c['words_median']:.0f} / p95 {c['words_p95']}.\n")
     if "shards" in res:
-        out.append(md_table(["`hncse-dist shards`", "wall s", "CPU s", "peak RSS MB", "shards", "samples", "on disk MB"],
+        out.append(md_table(["`hncse-dist shards`", "wall s", "CPU s", "peak RSS MB", "shards", "samples",
+                             "on disk MB"],
                             [[k, s(v["wall_s"]), s(v.get("cpu_s")), rss(v), v["shards"],
                               f"{v['samples']:,}", f"{v['disk_mb']:.0f}"] for k, v in res["shards"].items()]))
     if "stream" in res:
@@ -220,7 +225,8 @@ def markdown(res: dict) -> str:
                              for k in ("train_file", "train_shards") if (t := res["train"].get(k))]))
     if e := res.get("estimate"):
         r, t, b, mfus = e["recipe"], e["tokens"], e["bert_base"], e["mfu_assumed"]
-        ckpt = f" of ~{e['checkpoint_mb_bert_base']:.0f} MB each (bert-base)" if e.get("checkpoint_mb_bert_base") else ""
+        ckpt = e.get("checkpoint_mb_bert_base")
+        ckpt = f" of ~{ckpt:.0f} MB each (bert-base)" if ckpt else ""
         top = f"{mfus[-1]:.0%}"
         out += [f"Recipe: batch {r['batch_size']}, max length {r['max_seq_length']}, {r['num_epochs']} epoch, "
                 f"{e['samples']:,} samples -> **{e['steps_per_epoch']:,} steps per epoch** (1 process); eval_every "
@@ -248,6 +254,7 @@ def main() -> int:
     p.add_argument("--work", type=Path, default=Path("/tmp/hncse-recipe-check"), help="corpus, shards, runs (~3 GB)")
     p.add_argument("--steps", type=int, default=20, help="training steps of the tiny-model runs")
     p.add_argument("--token-batches", type=int, default=2000, help="random batches behind the FLOPs estimate")
+    p.add_argument("--mfu", default="0.3,0.4", help="assumed MFUs of the GPU estimates")
     args = p.parse_args()
     if unknown := set(args.stages.split(",")) - set(STAGES) - {""}:
         p.error(f"unknown stage(s) {sorted(unknown)}: use {','.join(STAGES)}")
@@ -265,9 +272,11 @@ def main() -> int:
     if "train" in stages:
         res["train"] = check_train(text, plain, args.work, args.steps)
     if "estimate" in stages:
-        ckpt, params = res.get("train", {}).get("train_shards", {}).get("checkpoint_mb"), res.get("train", {}).get("tiny_parameters")
+        train = res.get("train", {})
+        ckpt, params = train.get("train_shards", {}).get("checkpoint_mb"), train.get("tiny_parameters")
         samples = res.get("shards", {}).get("plain", {}).get("samples", args.lines)
-        res["estimate"] = estimate(text, samples, args.token_batches, ckpt * MB / params if ckpt else None)
+        res["estimate"] = estimate(text, samples, [float(x) for x in args.mfu.split(",")], args.token_batches,
+                                   ckpt * MB / params if ckpt else None)
     write(args.output, res, markdown(res))
     return 0
 

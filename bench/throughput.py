@@ -139,7 +139,9 @@ def run_precision(prec: str, args, paths: dict, shards: str, sentences: list[str
     for m, (trainers, mb) in made.items():
         if m not in result["micro"]:  # once per model
             result["micro"][m] = micro(trainers, mb, args.micro_reps)
-    return profile({n: steps[n] for n in (f"{m}/{prec}/{v}" for m in args.models for v in PROFILED)}) if args.profile else ""
+    if not args.profile:
+        return ""
+    return profile({n: steps[n] for n in (f"{m}/{prec}/{v}" for m in args.models for v in PROFILED)})
 
 
 def summarize(result: dict) -> dict:
