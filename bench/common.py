@@ -1,5 +1,5 @@
 """What the benchmarks share: paths and the data-dir setting, random BERTs, the product's Trainer
-set up to time its step, round-robin timing, /proc memory, the CLI in a subprocess, result files."""
+set up to time its step, round-robin timing, /proc memory, subprocesses, result files."""
 
 from __future__ import annotations
 
@@ -7,10 +7,13 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from collections import deque
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +35,12 @@ def data_root() -> Path:
 
 def corpus() -> Path:
     return data_root() / "corpus" / "wiki_en_sentences.txt"
+
+
+def head(path: Path, lines: int) -> list[str]:
+    """The distinct non-empty sentences among the first ``lines`` lines of ``path``, in order."""
+    with open(path, encoding="utf-8") as f:
+        return list(dict.fromkeys(s for s in (line.strip() for _, line in zip(range(lines), f)) if s))
 
 
 def parser(doc: str | None, output: str | None = None) -> argparse.ArgumentParser:
@@ -151,22 +160,56 @@ def paired(a: list[float], b: list[float]) -> tuple[float, float]:
     return median([x / y for x, y in zip(a, b)]), min(a) / min(b)
 
 
-def rss_mb(pid: int) -> float | None:
-    """Resident set in MB as metrics.memory_gb counts on CPU (kB / 1000)."""
+def proc_mb(pid: int, key: str = "VmRSS", file: str = "status") -> float | None:
+    """A kB field of /proc/PID/FILE in MB as metrics.memory_gb counts on CPU (kB / 1000)."""
     try:
-        with open(f"/proc/{pid}/status") as f:
-            return next((int(line.split()[1]) / 1000 for line in f if line.startswith("VmRSS:")), None)
+        with open(f"/proc/{pid}/{file}") as f:
+            return next((int(line.split()[1]) / 1000 for line in f if line.startswith(key + ":")), None)
     except OSError:
         return None
 
 
+def rss_mb(pid: int) -> float | None:
+    return proc_mb(pid)
+
+
 def descendants(pid: int) -> list[int]:
+    """Children (of any of the process's threads), grandchildren and so on."""
+    kids = []
     try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            kids = [int(c) for c in f.read().split()]
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                kids += [int(c) for c in f.read().split()]
     except OSError:
-        return []
+        pass
     return kids + [g for k in kids for g in descendants(k)]
+
+
+class MemorySampler:
+    """While open, every ``interval`` s: the RSS of ``pid`` and of each descendant (``rss``: pid ->
+    MB samples), the peak PSS of them all together (shared pages split: the machine's real use) and
+    ``pid``'s own peak RSS (VmHWM; wait4's ru_maxrss would count the forking parent's pages)."""
+
+    def __init__(self, pid: int, interval: float = 0.5):
+        self.pid, self.interval, self.rss, self.peak_pss_mb, self.peak_rss_mb = pid, interval, {}, 0.0, 0.0
+        self._stop, self._thread = threading.Event(), threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            pids = [self.pid, *descendants(self.pid)]
+            for p in pids:
+                if (mb := rss_mb(p)) is not None:
+                    self.rss.setdefault(p, []).append(mb)
+            self.peak_pss_mb = max(self.peak_pss_mb, sum(proc_mb(p, "Pss", "smaps_rollup") or 0.0 for p in pids))
+            self.peak_rss_mb = max(self.peak_rss_mb, proc_mb(self.pid, "VmHWM") or 0.0)
+
+    def __enter__(self) -> "MemorySampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def env(threads: int | None = None) -> dict:
@@ -175,10 +218,36 @@ def env(threads: int | None = None) -> dict:
                 TRANSFORMERS_OFFLINE="1", **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
 
 
+def python(*args: str, timeout: float | None = None, threads: int | None = None) -> subprocess.CompletedProcess:
+    """``python ARGS`` with this interpreter in the repository root, output captured."""
+    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO_ROOT, env=env(threads), capture_output=True,
+                          text=True, timeout=timeout)
+
+
 def cli(*args: str, timeout: float | None = None, threads: int | None = None) -> subprocess.CompletedProcess:
     """``hncse-dist ARGS`` with this interpreter, output captured."""
-    return subprocess.run([sys.executable, "-m", "hncse_dist.cli", *args], cwd=REPO_ROOT, env=env(threads),
-                          capture_output=True, text=True, timeout=timeout)
+    return python("-m", "hncse_dist.cli", *args, timeout=timeout, threads=threads)
+
+
+def timed(*args: str, marks: dict[str, str] | None = None, threads: int | None = None) -> dict:
+    """``python ARGS``, its output read line by line: seconds from the start to the first line matching
+    each regex of ``marks``, wall and CPU seconds (wait4), its peak RSS and the peak PSS of it and its
+    descendants (DataLoader workers), sampled every 0.5 s. A failure raises with the output's tail."""
+    start, seen, tail = time.perf_counter(), {}, deque(maxlen=40)
+    proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO_ROOT, env=env(threads), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    with MemorySampler(proc.pid) as memory:
+        for line in proc.stdout:
+            tail.append(line.rstrip())
+            seen.update({k: time.perf_counter() - start for k, pattern in (marks or {}).items()
+                         if k not in seen and re.search(pattern, line)})
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = rc = os.waitstatus_to_exitcode(status)
+    if rc != 0:
+        raise RuntimeError(f"{args[:3]} exited {rc}:\n" + "\n".join(tail))
+    return {"cmd": " ".join(map(str, args)), "wall_s": time.perf_counter() - start, "marks_s": seen,
+            "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mb": memory.peak_rss_mb,
+            "peak_pss_tree_mb": memory.peak_pss_mb}
 
 
 def machine() -> dict:

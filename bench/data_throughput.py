@@ -16,7 +16,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import threading
 import time
 import tracemalloc
 from pathlib import Path
@@ -24,8 +23,8 @@ from pathlib import Path
 import torch
 import transformers
 
-from common import (MINILM, RESULTS, bench_trainer, corpus, cpu_only, descendants, free_port, machine, need_file,
-                    parser, rss_mb, train_step, write)
+from common import (MINILM, RESULTS, MemorySampler, bench_trainer, corpus, cpu_only, free_port, machine, need_file,
+                    parser, train_step, write)
 
 from hncse_dist.data import ShardStream, load_manifest, write_shards
 from hncse_dist.data.tario import ShardReader
@@ -83,22 +82,9 @@ def time_stream(stream: ShardStream, epochs: int = 1) -> dict:
 def worker_rss(stream: ShardStream) -> dict:
     """RSS (MB) of the stream's worker processes every 50 ms while it yields one epoch: the
     first sample of each, its peak and the growth between them."""
-    seen: dict[int, list[float]] = {}
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            for pid in descendants(os.getpid()):
-                if (rss := rss_mb(pid)) is not None:
-                    seen.setdefault(pid, []).append(rss)
-            time.sleep(0.05)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    samples = sum(b["input_ids"].shape[0] for b in stream)
-    done.set()
-    sampler.join()
-    w = [v for v in seen.values() if len(v) > 2]
+    with MemorySampler(os.getpid(), interval=0.05) as memory:
+        samples = sum(b["input_ids"].shape[0] for b in stream)
+    w = [v for pid, v in memory.rss.items() if pid != os.getpid() and len(v) > 2]
     return {"samples": samples, "workers": len(w), "first_rss_mb": max(v[0] for v in w) if w else None,
             "peak_rss_mb": max(max(v) for v in w) if w else None,
             "max_growth_mb": max(max(v) - v[0] for v in w) if w else None}
@@ -134,8 +120,7 @@ def large_shard_memory(shard_dir: str, tokenizer) -> dict:
 
 
 def time_training(shard_dir: str, work: Path, steps: int) -> dict:
-    """The product's SimCSE step at its fastest on CPU (``Trainer.train_step``: padding-free
-    forward, bf16 autocast, clip 1.0, fused AdamW) on the stream's batches, fetched beforehand."""
+    """``Trainer.train_step`` of SimCSE, bf16, on the stream's batches (fetched beforehand)."""
     trainer = bench_trainer(work / "train", model_name_or_path=MINILM, train_shards=shard_dir, objective="simcse",
                             mixed_precision="bf16", batch_size=BATCH, max_seq_length=MAX_LENGTH)
     groups = list(itertools.islice(trainer._micro_batches(), steps + 1))
@@ -161,16 +146,11 @@ def http_server(directory: str):
             time.sleep(0.05)
         yield f"http://127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        proc.kill()
+        proc.wait()
 
 
-def sources(args, tokenizer, work: Path) -> dict:
-    shard_dir, gz_dir = build_shards(args.corpus, args.lines, work), build_shards(args.corpus, args.lines, work, True)
+def sources(args, tokenizer, work: Path, shard_dir: str, gz_dir: str) -> dict:
     brace = f"shard-{{000000..{len(entries(shard_dir)) - 1:06d}}}.tar"
     with http_server(shard_dir) as base:
         kinds = {"local_tar": shard_dir, "local_tar_gz": gz_dir, "http_loopback": f"{base}/{brace}",
@@ -189,8 +169,7 @@ def sources(args, tokenizer, work: Path) -> dict:
             "max_length": MAX_LENGTH, "machine": machine()}
 
 
-def pipeline(args, tokenizer, work: Path) -> dict:
-    shard_dir, gz_dir = build_shards(args.corpus, args.lines, work), build_shards(args.corpus, args.lines, work, True)
+def pipeline(args, tokenizer, work: Path, shard_dir: str, gz_dir: str) -> dict:
     stream = ShardStream(shard_dir, tokenizer, BATCH, MAX_LENGTH)  # defaults: 2 workers
     plain = time_stream(stream, args.epochs)
     gz = time_stream(ShardStream(gz_dir, tokenizer, BATCH, MAX_LENGTH), args.epochs)
@@ -235,7 +214,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work_dir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        result = (sources if args.sources else pipeline)(args, tokenizer, work)
+        shards = build_shards(args.corpus, args.lines, work), build_shards(args.corpus, args.lines, work, True)
+        result = (sources if args.sources else pipeline)(args, tokenizer, work, *shards)
     write(args.output or RESULTS / ("data_sources.json" if args.sources else "data_throughput.json"), result)
     return 0
 

@@ -1,6 +1,5 @@
-"""The checks behind bench/gpu_check.sh: the branches of hncse-dist that only run on a CUDA GPU.
-Run through the shell script (it refuses machines without CUDA); one JSON report with each
-check's ``ok``, numbers and seconds; exit 1 when a check failed. The checks: BENCHMARKS.md.
+"""The checks behind bench/gpu_check.sh (run it through the script): the branches of hncse-dist that
+only run on a CUDA GPU; one JSON report, exit 1 when a check failed. The checks: BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -13,16 +12,15 @@ import time
 import traceback
 from pathlib import Path
 
-from common import REPO_ROOT, WIKI_SAMPLE, cli, env, parser, random_bert
+from common import WIKI_SAMPLE, cli, cpu_only, head, machine, parser, python, random_bert, write
 
 
 def sentences(n: int) -> list[str]:
-    return [line for line in WIKI_SAMPLE.read_text(encoding="utf-8").splitlines() if line.strip()][:n]
+    return head(WIKI_SAMPLE, 10 * n)[:n]
 
 
 def check_packed_forward(model: str) -> dict:
-    """The padding-free forward on CUDA equals the model's own (eval: values and gradients), draws
-    fresh dropout masks that a seed reproduces (train), and is finite under bf16 autocast."""
+    """Padding-free forward vs the model's own (eval), dropout masks and seeds (train), bf16."""
     import torch
 
     from hncse_dist.encoder import Encoder
@@ -56,8 +54,7 @@ def check_packed_forward(model: str) -> dict:
 
 
 def check_pinned_copies(model: str) -> dict:
-    """``Encoder.packing_for`` (built on the CPU, copied non_blocking) and pinned batch copies
-    equal the same tensors built on the GPU."""
+    """``Encoder.packing_for`` and pinned copies equal the tensors built on the GPU."""
     import torch
 
     from hncse_dist.encoder import Encoder
@@ -90,7 +87,7 @@ def losses(out: Path) -> list[float]:
 
 
 def check_fp16(model: str, tmp: Path) -> dict:
-    """mixed_precision=fp16 (Accelerate's GradScaler): finite losses, the scaler in the checkpoint, weights moved."""
+    """mixed_precision=fp16: finite losses, the GradScaler in the checkpoint, weights moved."""
     from safetensors.torch import load_file
 
     out = tmp / "fp16"
@@ -104,8 +101,7 @@ def check_fp16(model: str, tmp: Path) -> dict:
 
 
 def check_zero3(model: str, tmp: Path, precision: str) -> dict:
-    """deepspeed=ds_configs/zero3.json on 1 GPU, cls pooler: final/ in fp32 and equal to
-    ``hncse-dist export`` of the last checkpoint."""
+    """ZeRO-3 on 1 GPU: final/ in fp32 and equal to ``hncse-dist export`` of the last checkpoint."""
     import torch
     from safetensors.torch import load_file
 
@@ -123,14 +119,9 @@ def check_zero3(model: str, tmp: Path, precision: str) -> dict:
 
 
 def check_throughput(tmp: Path, steps: int) -> dict:
-    """bench/throughput.py --device cuda, its summary and targets copied in."""
-    import subprocess
-
     out = tmp / "throughput.json"
-    proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "throughput.py"), "--device", "cuda", "--steps",
-                           str(steps), "--warmup", "2", "--precision", "both", "--models", "minilm,tiny", "--corpus",
-                           str(WIKI_SAMPLE), "--output", str(out)], cwd=REPO_ROOT, env=env(), capture_output=True,
-                          text=True, timeout=420)
+    proc = python("bench/throughput.py", "--device", "cuda", "--steps", steps, "--warmup", 2, "--precision", "both",
+                  "--models", "minilm,tiny", "--corpus", WIKI_SAMPLE, "--output", out, timeout=420)
     if proc.returncode != 0 or not out.is_file():
         return failed(proc)
     report = json.loads(out.read_text())
@@ -142,14 +133,10 @@ def main() -> int:
     p.add_argument("--throughput-steps", type=int, default=8)
     p.add_argument("--skip", default="", help="comma list of checks to leave out")
     args = p.parse_args()
+    cpu_only("cuda")  # refuses without CUDA
     import torch
 
-    if not torch.cuda.is_available():
-        print("gpu_check: no CUDA device (torch.cuda.is_available() is False): run it on a GPU machine "
-              "with the CUDA build of torch", file=sys.stderr)
-        return 2
-    report: dict = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch": torch.__version__,
-                    "cuda": torch.version.cuda, "device": torch.cuda.get_device_name(0), "checks": {}}
+    report: dict = {**machine(), "cuda": torch.version.cuda, "device": torch.cuda.get_device_name(0), "checks": {}}
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         model = random_bert(tmp / "tiny", 256, 4)
@@ -172,8 +159,7 @@ def main() -> int:
             report["checks"][name] = result
             print(f"gpu_check: {name}: {'ok' if result['ok'] else 'FAILED'} ({result['seconds']} s)", flush=True)
     report["ok"] = all(c["ok"] for c in report["checks"].values())
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2, default=str))
+    write(args.output, report)
     print(f"gpu_check: report in {args.output}: {'all checks passed' if report['ok'] else 'SOME CHECKS FAILED'}")
     return 0 if report["ok"] else 1
 

@@ -11,13 +11,12 @@ import argparse
 import itertools
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from common import REPO_ROOT, bench_trainer, env, machine, md_table, paired, median, parser, random_bert, rounds
-from common import rss_mb, shards_of, train_step, write
+from common import (bench_trainer, cpu_only, machine, md_table, median, paired, parser, python, random_bert, rounds,
+                    rss_mb, shards_of, train_step, write)
 
 
 def trainers(args, tmp: Path, chunks: tuple[int, ...]) -> dict:
@@ -67,10 +66,8 @@ def worker(args) -> dict:
 
 
 def point(args, mode: str, batch: int, chunk: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", mode, "--batch", str(batch), "--chunk", str(chunk), "--hidden",
-           str(args.hidden), "--layers", str(args.layers), "--rounds", str(args.rounds), "--threads", str(args.threads),
-           "--device", args.device, "--model", args.model]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(args.threads), cwd=REPO_ROOT, timeout=3600)
+    proc = python(__file__, "--worker", mode, "--batch", batch, "--chunk", chunk, "--rounds", args.rounds, "--threads",
+                  args.threads, "--device", args.device, "--model", args.model, threads=args.threads, timeout=3600)
     if proc.returncode != 0:
         raise SystemExit(f"{mode} point batch={batch} chunk={chunk} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -89,8 +86,7 @@ def main() -> None:
     p.add_argument("--model", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker", choices=("memory", "time"), help="measure one point in this process, print its JSON")
     args = p.parse_args()
-    if args.device == "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the Trainer takes a GPU when it sees one
+    cpu_only(args.device)
     if args.worker:
         print(json.dumps(worker(args)))
         return
@@ -104,7 +100,7 @@ def main() -> None:
             print(f"batch {batch}: peak {row['uncached']['peak_mb']:.0f} / {row['cached']['peak_mb']:.0f} MB, "
                   f"time ratio {row['time']['ratio_median']:.2f}", file=sys.stderr, flush=True)
     unit = "max_memory_allocated MB" if args.device == "cuda" else "peak RSS MB"
-    table = md_table([f"sentences / step (sequences)", f"uncached {unit} (growth)",
+    table = md_table(["sentences / step (sequences)", f"uncached {unit} (growth)",
                       f"cached, chunk {args.chunk}: {unit} (growth)", "uncached step s", "cached step s",
                       "time cached / uncached (median / best)"],
                      [[f"{r['batch']} ({2 * r['batch']})",

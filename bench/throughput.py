@@ -2,8 +2,6 @@
 sentence-transformers' MNRL step, and MFU. Variants, method and results: BENCHMARKS.md.
 
     python bench/throughput.py --steps 12 --warmup 2 --precision both --models minilm,tiny --threads 2 --profile
-
-Writes bench/results/throughput.json and .md (``--summarize-only``: again from the JSON's raw data).
 """
 
 from __future__ import annotations
@@ -20,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from common import (MINILM, bench_trainer, corpus, cpu_only, loader_batch, machine, md_table, median, need_file,
+from common import (MINILM, bench_trainer, corpus, cpu_only, head, loader_batch, machine, md_table, median, need_file,
                     paired, parser, random_bert, rounds, shards_of, sync, train_step, write)
 
 from hncse_dist.metrics import measure_cpu_peak, peak_flops
@@ -28,15 +26,11 @@ from hncse_dist.objective import OBJECTIVES
 from hncse_dist.step import contrastive_step
 
 BATCH, MAX_LENGTH, BANK_BATCHES, LR, ST_SCALE, HEAD_LINES = 64, 32, 16, 3e-5, 20.0, 100_000
-
-
-def autocast(device: torch.device, precision: str):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+PROFILED, PROFILE_STEPS = ("hncse-simcse", "hncse-hncse", "st-mnrl"), 2
 
 
 def st_step(path: str, sentences: list[str], ids: torch.Tensor, device: torch.device, precision: str):
-    """sentence-transformers' SimCSE step as its Trainer runs it: MNRL, anchor = positive (two
-    forwards), autocast over forward + loss, clip 1.0, AdamW(fused=True); and its collator's time."""
+    """sentence-transformers' SimCSE step as its Trainer runs it (BENCHMARKS.md); its collator's time."""
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
@@ -55,7 +49,8 @@ def st_step(path: str, sentences: list[str], ids: torch.Tensor, device: torch.de
     opt = torch.optim.AdamW(model.parameters(), lr=LR, fused=True)
 
     def step() -> float:
-        with autocast(device, precision):  # fresh dicts: the modules write their outputs into them
+        with (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
+              else contextlib.nullcontext()):  # fresh dicts: the modules write their outputs into them
             loss = loss_fn(sentence_features=[dict(feats), dict(feats)], labels=None)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -66,9 +61,7 @@ def st_step(path: str, sentences: list[str], ids: torch.Tensor, device: torch.de
 
 
 def micro(trainers: dict, mb, reps: int) -> dict:
-    """Alone: each objective's forward + backward (``contrastive_step`` with the trainer's loss,
-    bank and generator on fixed views: a model returning them) and one AdamW step, torch's
-    default (a for-loop on CPU) against fused=True (the Trainer's), with fixed random gradients."""
+    """Alone: each objective's forward + backward on fixed views, and one AdamW step, default vs fused."""
     encoder = next(iter(trainers.values())).encoder
     with torch.no_grad():
         emb = encoder(mb.ids.repeat(2, 1), mb.mask.repeat(2, 1)).float()
@@ -90,17 +83,17 @@ def micro(trainers: dict, mb, reps: int) -> dict:
             "adamw_step_s": rounds(adamw, 1, max(5, reps // 3), log=False)[0]}
 
 
-def profile(steps: dict, n: int) -> str:
+def profile(steps: dict) -> str:
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     out = []
     for name, step in steps.items():
         step()  # re-warm after the timed rounds
         with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(n):
+            for _ in range(PROFILE_STEPS):
                 step()
         table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=48)
-        out += [f"### {name} ({n} steps)", "", "```", table.rstrip(), "```", ""]
+        out += [f"### {name} ({PROFILE_STEPS} steps)", "", "```", table.rstrip(), "```", ""]
     return "\n".join(out)
 
 
@@ -113,7 +106,7 @@ def run_precision(prec: str, args, paths: dict, shards: str, sentences: list[str
     for m in args.models:
         base = dict(model_name_or_path=paths[m], train_shards=shards, batch_size=BATCH, max_seq_length=MAX_LENGTH,
                     mixed_precision="bf16" if prec == "bf16" else "no", bank_size=BANK_BATCHES, learning_rate=LR)
-        trainers = {o: bench_trainer(tmp / f"{m}-{prec}-{o}", objective=o, **base) for o in args.objectives}
+        trainers = {o: bench_trainer(tmp / f"{m}-{prec}-{o}", objective=o, **base) for o in OBJECTIVES}
         padded = bench_trainer(tmp / f"{m}-{prec}-padded", objective="simcse", packed_forward=False, **base)
         first, tok = trainers["simcse"], trainers["simcse"].encoder.tokenizer
         batch = loader_batch(tok, sentences[:BATCH], MAX_LENGTH)
@@ -135,11 +128,8 @@ def run_precision(prec: str, args, paths: dict, shards: str, sentences: list[str
     fixed = peak_flops(device, "bf16" if prec == "bf16" else "no") if device.type == "cuda" else None  # datasheet
     peaks = result["peaks_flops_per_round"].setdefault(prec, [])
     print(f"{prec}: {len(steps)} variants, {args.warmup} + {args.steps} rounds", flush=True)
-    def measure_peak(timed: bool) -> None:
-        if timed:
-            peaks.append(fixed or measure_cpu_peak(dtype, 2048))
-
-    times, losses = rounds(steps, args.warmup, args.steps, after_round=measure_peak)
+    times, losses = rounds(steps, args.warmup, args.steps,
+                           after_round=lambda timed: timed and peaks.append(fixed or measure_cpu_peak(dtype, 2048)))
     for name, step_s in times.items():
         m, variant = name.split("/")[0], name.split("/")[2]
         kind = "st" if variant == "st-mnrl" else "ablation" if variant.endswith("-padded") else "hncse"
@@ -149,8 +139,9 @@ def run_precision(prec: str, args, paths: dict, shards: str, sentences: list[str
     for m, (trainers, mb) in made.items():
         if m not in result["micro"]:  # once per model
             result["micro"][m] = micro(trainers, mb, args.micro_reps)
-    wanted = [f"{m}/{prec}/{v}" for m in args.models for v in args.profile_variants.split(",")]
-    return profile({n: steps[n] for n in wanted if n in steps}, args.profile_steps) if args.profile else ""
+    if not args.profile:
+        return ""
+    return profile({n: steps[n] for n in (f"{m}/{prec}/{v}" for m in args.models for v in PROFILED)})
 
 
 def summarize(result: dict) -> dict:
@@ -251,32 +242,25 @@ def main() -> int:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--precision", choices=("fp32", "bf16", "both"), default="both")
     p.add_argument("--models", default="minilm,tiny", help="comma list of minilm, tiny")
-    p.add_argument("--objectives", default=",".join(OBJECTIVES), help="comma list; simcse (the baseline) is required")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--corpus", type=Path, default=corpus())
     p.add_argument("--micro-reps", type=int, default=30, help="repetitions of the objective / AdamW alone")
-    p.add_argument("--profile", action="store_true", help="torch.profiler of --profile-variants after timing")
-    p.add_argument("--profile-variants", default="hncse-simcse,hncse-hncse,st-mnrl")
-    p.add_argument("--profile-steps", type=int, default=2)
+    p.add_argument("--profile", action="store_true", help="torch.profiler of a few variants after timing")
     p.add_argument("--summarize-only", action="store_true", help="rebuild summary and tables from --output's raw data")
     args = p.parse_args()
     if args.summarize_only:
         report(json.loads(args.output.read_text(encoding="utf-8")), args.output)
         return 0
-    args.models, args.objectives = args.models.split(","), args.objectives.split(",")
-    unknown = [m for m in args.models if m not in ("minilm", "tiny")]
-    unknown += [o for o in args.objectives if o not in OBJECTIVES]
-    if unknown or "simcse" not in args.objectives:
-        print(f"error: unknown model/objective {unknown} or no simcse in --objectives", file=sys.stderr)
-        return 2
+    if set(args.models.split(",")) - {"minilm", "tiny"}:
+        p.error(f"unknown model in --models {args.models}")
+    args.models = args.models.split(",")
     cpu_only(args.device)
     need_file(args.corpus)
     torch.set_num_threads(args.threads)
-    with open(args.corpus, encoding="utf-8") as f:  # 64 + 16 x 64 distinct sentences of the corpus head, seed 0
-        head = list(dict.fromkeys(s for s in (line.strip() for _, line in zip(range(HEAD_LINES), f)) if s))
-    sentences = random.Random(0).sample(head, BATCH * (1 + BANK_BATCHES))
+    # 64 + 16 x 64 distinct sentences of the corpus head, seed 0
+    sentences = random.Random(0).sample(head(args.corpus, HEAD_LINES), BATCH * (1 + BANK_BATCHES))
     result = {"config": {"batch_size": BATCH, "max_length": MAX_LENGTH, "bank_batches": BANK_BATCHES, "lr": LR,
-                         "st_scale": ST_SCALE, "models": args.models, "objectives": args.objectives,
+                         "st_scale": ST_SCALE, "models": args.models, "objectives": list(OBJECTIVES),
                          "corpus": str(args.corpus), "sample_seed": 0, "flops": "hncse_dist.metrics.FlopsModel"},
               "meta": {"device": args.device, "threads": args.threads, "steps": args.steps, "warmup": args.warmup,
                        "loadavg_start": os.getloadavg()[0], "st_collator_s": {}},

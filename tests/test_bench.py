@@ -31,6 +31,19 @@ def test_rounds_rotate_the_order_and_drop_the_warmup():
     assert values == {"a": [6, 8, 10], "b": [4, 9, 11], "c": [5, 7, 12]}
 
 
+def test_timed_reads_marks_and_the_commands_own_peak_memory():
+    """``timed`` sees a 200 MB allocation of the command itself (VmHWM, not the forking parent's
+    pages), the time to a marked line, and raises with the output's tail when the command fails."""
+    from bench.common import timed
+
+    code = "import time; x = b'x' * 200_000_000; print('ready', flush=True); time.sleep(1.3)"
+    res = timed("-c", code, marks={"ready": r"^ready"})
+    assert 200 <= res["peak_rss_mb"] < 400 and res["peak_pss_tree_mb"] >= 200
+    assert 0 < res["marks_s"]["ready"] < res["wall_s"] and res["cpu_s"] > 0
+    with pytest.raises(RuntimeError, match="boom"):
+        timed("-c", "import sys; print('boom'); sys.exit(3)")
+
+
 def test_comm_model_bank_reuse_saves_bytes(tmp_path: Path):
     out = tmp_path / "comm.json"
     run(["bench/comm_model.py", "--output", str(out)])
