@@ -128,13 +128,11 @@ def main() -> None:
     def save() -> None:
         path.write_text(json.dumps(results, indent=2) + "\n")
 
-    tasks = "all" if args.transfer_seeds else "sts"
     shards = prepare_shards(work, lines=max(40_000, args.steps * args.batch_size + 1000))
-    if "untrained" not in results:
-        results["untrained"] = {}
+    results.setdefault("untrained", {})
     for pooler in ("cls_before_pooler", "avg"):
         if pooler not in results["untrained"]:
-            results["untrained"][pooler] = evaluate(args.model, work / f"untrained-{pooler}.json", tasks,
+            results["untrained"][pooler] = evaluate(args.model, work / f"untrained-{pooler}.json", "sts",
                                                     args.threads, pooler)
             save()
     base = {"model_name_or_path": args.model, "learning_rate": args.lr}
@@ -154,8 +152,7 @@ def main() -> None:
         for obj in OBJECTIVES:
             name = f"{obj}-seed{seed}"
             if name not in runs:
-                runs[name] = one(name, {"objective": obj, "seed": seed},
-                                 test="all" if seed < args.transfer_seeds else "sts")
+                runs[name] = one(name, {"objective": obj, "seed": seed}, test="sts")
                 save()
     for opt in PM_SWEEP if args.sweep_seeds else []:
         key = json.dumps(opt, sort_keys=True)
@@ -166,6 +163,16 @@ def main() -> None:
             entry["dev"].append(rec["best_stsb_dev"])
             entry["trigger"].append(rec["pm_trigger_mean"])
             save()
+    # SentEval last (the slowest evaluation): the selected checkpoints of the first seeds, and the start
+    for name, r in runs.items():
+        if r["seed"] < args.transfer_seeds and "transfer_avg" not in r["test"]:
+            best = work / "runs" / name / "best"
+            r["test"].update(evaluate(str(best), best.parent / "eval-transfer.json", "transfer", args.threads))
+            save()
+    if args.transfer_seeds and "transfer_avg" not in results["untrained"]["cls_before_pooler"]:
+        results["untrained"]["cls_before_pooler"].update(evaluate(
+            args.model, work / "untrained-transfer.json", "transfer", args.threads, "cls_before_pooler"))
+        save()
     if sweep:  # the defaults' row, from the ablation's PM runs
         pm_runs = [r for r in runs.values() if r["objective"] == "pm"][: args.sweep_seeds]
         sweep[json.dumps({"pm_threshold": 0.1, "pm_w1": 0.8, "pm_w2": 0.2})] = {
