@@ -102,7 +102,7 @@ def markdown(results: dict) -> str:
 def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--model", default=str(REPO_ROOT / "runs" / "mlm-L4-H256"), help="the MLM-pretrained start")
-    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-4)
