@@ -154,16 +154,19 @@ def main() -> None:
             if name not in runs:
                 runs[name] = one(name, {"objective": obj, "seed": seed}, test="sts")
                 save()
-    for opt in PM_SWEEP if args.sweep_seeds else []:
-        key = json.dumps(opt, sort_keys=True)
-        entry = sweep.setdefault(key, {"overrides": opt, "dev": [], "trigger": []})
-        for seed in range(len(entry["dev"]), args.sweep_seeds):
-            rec = one(f"sweep-{'-'.join(f'{k}{v}' for k, v in opt.items())}-seed{seed}",
-                      {"objective": "pm", "seed": seed, **opt}, test=None)
-            entry["dev"].append(rec["best_stsb_dev"])
-            entry["trigger"].append(rec["pm_trigger_mean"])
-            save()
-    # SentEval last (the slowest evaluation): the selected checkpoints of the first seeds, and the start
+    def sweep_pass(seed: int) -> None:
+        for opt in PM_SWEEP:
+            entry = sweep.setdefault(json.dumps(opt, sort_keys=True), {"overrides": opt, "dev": [], "trigger": []})
+            if len(entry["dev"]) == seed:
+                rec = one(f"sweep-{'-'.join(f'{k}{v}' for k, v in opt.items())}-seed{seed}",
+                          {"objective": "pm", "seed": seed, **opt}, test=None)
+                entry["dev"].append(rec["best_stsb_dev"])
+                entry["trigger"].append(rec["pm_trigger_mean"])
+                save()
+
+    if args.sweep_seeds:
+        sweep_pass(0)
+    # SentEval (the slowest evaluation): the selected checkpoints of the first seeds, and the start
     for name, r in runs.items():
         if r["seed"] < args.transfer_seeds and "transfer_avg" not in r["test"]:
             best = work / "runs" / name / "best"
@@ -173,6 +176,8 @@ def main() -> None:
         results["untrained"]["cls_before_pooler"].update(evaluate(
             args.model, work / "untrained-transfer.json", "transfer", args.threads, "cls_before_pooler"))
         save()
+    for seed in range(1, args.sweep_seeds):
+        sweep_pass(seed)
     if sweep:  # the defaults' row, from the ablation's PM runs
         pm_runs = [r for r in runs.values() if r["objective"] == "pm"][: args.sweep_seeds]
         sweep[json.dumps({"pm_threshold": 0.1, "pm_w1": 0.8, "pm_w2": 0.2})] = {
