@@ -121,6 +121,12 @@ class TrainConfig(ObjectiveConfig):
     # Process-group timeout (every launch path, gloo and NCCL): a collective or the rendezvous
     # store waiting longer than this fails the rank instead of hanging the job.
     dist_timeout_minutes: float = 30.0
+    # DDP keeps the gradient buckets it starts with for the whole run (find_unused_parameters=True
+    # stops its regrouping in gradient-ready order after the first step). A resumed process starts
+    # again from the first layout, and the all-reduce's summation order over 3+ ranks follows the
+    # layout: fixed, a resume reproduces the uninterrupted run bit for bit at any world size.
+    # false: DDP's regrouping (no autograd-graph walk per forward; a resume drifts by ~1 ulp at 3+ ranks).
+    ddp_fixed_buckets: bool = True
     skip_nonfinite: bool = True  # skip a step whose loss (or clipped gradient norm) is NaN/inf on any rank
     max_nonfinite_skips: int = 20  # stop (exit 1) after this many consecutive skipped steps
     # Write a sha256 of the parameters into every rank's checkpoint file (equal digests: the ranks

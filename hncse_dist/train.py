@@ -142,7 +142,9 @@ def make_accelerator(cfg: TrainConfig):
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         # Gradients as views of DDP's buckets: one copy of the gradients instead of two.
-        kwargs_handlers=([pg] if expected > 1 else []) + [DistributedDataParallelKwargs(gradient_as_bucket_view=True)],
+        # find_unused_parameters: the one bucket layout of the whole run (config.py, ddp_fixed_buckets).
+        kwargs_handlers=([pg] if expected > 1 else []) + [DistributedDataParallelKwargs(
+            gradient_as_bucket_view=True, find_unused_parameters=cfg.ddp_fixed_buckets)],
     )
     if cfg.deepspeed:
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(

@@ -1,5 +1,6 @@
 """Preemption: SIGTERM / SIGUSR1 at an arbitrary step -> checkpoint -> exit 75 -> resume=latest, and the
-loss curve equals an uninterrupted run's, bit for bit (fp32, CPU, same world size)."""
+loss curve equals an uninterrupted run's, bit for bit (fp32, CPU, same world size). World size 4
+is the case where the all-reduce's summation order depends on DDP's bucket layout (ddp_fixed_buckets)."""
 
 import json
 import signal
@@ -49,7 +50,7 @@ def wait_for_step(out, step, proc, timeout=240):
 
 @pytest.mark.slow
 @pytest.mark.dist
-@pytest.mark.parametrize("nproc", [1, 2])
+@pytest.mark.parametrize("nproc", [1, 2, 4])
 def test_preempt_checkpoint_resume_reproduces_the_loss_curve(tmp_path, tiny_bert, corpus, nproc):
     steps = 30
     kw = dict(max_steps=steps, save_every=0, batch_size=8, keep_last=1)
@@ -78,7 +79,8 @@ def test_preempt_checkpoint_resume_reproduces_the_loss_curve(tmp_path, tiny_bert
     assert f"at step {cut}" in log2
     got, want = losses(out), losses(ref_out)
     assert sorted(got) == list(range(1, steps + 1))  # continuous: nothing repeated or skipped
-    assert [got[s] for s in range(1, steps + 1)] == [want[s] for s in range(1, steps + 1)]
+    differing = {s: got[s] - want[s] for s in range(1, steps + 1) if got[s] != want[s]}
+    assert not differing, f"cut at step {cut}; steps whose loss differs (resumed - uninterrupted): {differing}"
     # the bank came back bit-exactly and kept evolving identically
     a = torch.load(ref_out / "checkpoints" / f"step-{steps:08d}" / "hncse_rank0.pt", weights_only=False)
     b = torch.load(out / "checkpoints" / f"step-{steps:08d}" / "hncse_rank0.pt", weights_only=False)
