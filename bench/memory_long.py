@@ -28,6 +28,34 @@ def last_step(metrics: Path) -> int:
         return max([json.loads(line)["step"] for line in f if '"loss"' in line], default=0)
 
 
+def rollup(pid: int) -> dict:
+    """Anonymous and file-backed resident kB and the proportional set (shared pages split
+    between the processes that map them), from /proc/PID/smaps_rollup and status, in MB."""
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(("RssAnon:", "RssFile:", "VmHWM:")):
+                    out[line.split(":")[0]] = int(line.split()[1]) / 1000
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    out["Pss"] = int(line.split()[1]) / 1000
+    except OSError:
+        pass
+    return out
+
+
+def reset_peak(pid: int) -> None:
+    """Start VmHWM (the peak resident size) again from the current size (Linux >= 4.0): the next
+    reading is the peak of the window since, not of the whole run."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def measure(args, out_dir: Path, model: str) -> dict:
     cmd = [sys.executable, "-m", "hncse_dist.cli", "train", f"model_name_or_path={model}", f"train_file={WIKI_SAMPLE}",
            f"output_dir={out_dir}", f"batch_size={args.batch_size}", f"max_steps={args.steps}", "log_every=10",
@@ -41,11 +69,21 @@ def measure(args, out_dir: Path, model: str) -> dict:
             while proc.poll() is None:
                 step, main = last_step(out_dir / "metrics.jsonl"), rss_mb(proc.pid) or 0.0
                 if main > 0 and step > 0 and step // 100 * 100 not in samples:
-                    workers = sum(rss_mb(p) or 0.0 for p in descendants(proc.pid))
+                    kids = descendants(proc.pid)
+                    workers = sum(rss_mb(p) or 0.0 for p in kids)
+                    detail = rollup(proc.pid)
+                    workers_pss = sum(rollup(p).get("Pss", 0.0) for p in kids)
+                    reset_peak(proc.pid)
                     samples[step // 100 * 100] = {"step": step, "rss_mb": round(main, 1),
+                                                  "window_peak_mb": round(detail.get("VmHWM", 0.0), 1),
+                                                  "anon_mb": round(detail.get("RssAnon", 0.0), 1),
+                                                  "file_mb": round(detail.get("RssFile", 0.0), 1),
                                                   "workers_rss_mb": round(workers, 1),
+                                                  "workers_pss_mb": round(workers_pss, 1),
                                                   "elapsed_s": round(time.time() - start, 1)}
-                    print(f"step {step:5d}: trainer {main:8.1f} MB, workers {workers:8.1f} MB", flush=True)
+                    print(f"step {step:5d}: trainer {main:8.1f} MB (peak {detail.get('VmHWM', 0):.0f}, anon {detail.get('RssAnon', 0):.0f}, file "
+                          f"{detail.get('RssFile', 0):.0f}), workers {workers:8.1f} MB (pss {workers_pss:.0f}), "
+                          f"{time.time() - start:.0f} s", flush=True)
                 time.sleep(args.poll)
         finally:
             if proc.poll() is None:

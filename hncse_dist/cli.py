@@ -149,15 +149,20 @@ def _quiet_deepspeed_probe() -> None:
             os.environ["DS_ACCELERATOR"] = "cpu"
 
 
-# oneDNN (CPU matmuls, bf16 above all) JIT-compiles and caches a kernel per shape; the
-# padding-free forward changes the token count every step, so the default cache of 1024
-# kernels grows a CPU run by hundreds of MB (bench/memory_long.py). A smaller cache bounds it.
-ONEDNN_CACHE_DEFAULT = "256"
+# bf16 matmuls on CPU go through ideep (PyTorch's oneDNN wrapper), which keeps an LRU cache of
+# prepared matmuls (LRU_CACHE_CAPACITY, 1024 by default), over oneDNN's own cache of compiled
+# kernels (ONEDNN_PRIMITIVE_CACHE_CAPACITY, 1024). Both key on the shape, and the padding-free
+# forward packs a different number of tokens every step, so nearly every step adds entries that
+# are never hit again: a MiniLM run grew by about 1 GB over 900 steps. Caches of 8 keep the
+# shapes of one forward and backward (all layers share them) and a CPU run flat, at no
+# measurable speed cost (bench/memory_long.py, BENCHMARKS.md). GPU runs do not use either.
+CPU_CACHE_DEFAULTS = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64", "LRU_CACHE_CAPACITY": "32"}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_CACHE_DEFAULT)  # before torch loads oneDNN
+    for name, value in CPU_CACHE_DEFAULTS.items():  # before torch loads oneDNN
+        os.environ.setdefault(name, value)
     if argv and argv[0] in ("train", "eval", "export"):
         _quiet_deepspeed_probe()
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
