@@ -153,9 +153,10 @@ def _quiet_deepspeed_probe() -> None:
 # prepared matmuls (LRU_CACHE_CAPACITY, 1024 by default), over oneDNN's own cache of compiled
 # kernels (ONEDNN_PRIMITIVE_CACHE_CAPACITY, 1024). Both key on the shape, and the padding-free
 # forward packs a different number of tokens every step, so nearly every step adds entries that
-# are never hit again: a MiniLM run grew by about 1 GB over 900 steps. Caches of 8 keep the
-# shapes of one forward and backward (all layers share them) and a CPU run flat, at no
-# measurable speed cost (bench/memory_long.py, BENCHMARKS.md). GPU runs do not use either.
+# are never hit again: a MiniLM run grew by about 1 GB over 900 steps. Caches of 64 and 32 hold
+# more than the ~18 shapes of one forward and backward (all layers share them), so a step still
+# reuses its kernels, and they are full after a few steps (bench/memory_long.py, BENCHMARKS.md);
+# caches of 8 are flat too but recompile within every step. GPU runs use neither cache.
 CPU_CACHE_DEFAULTS = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64", "LRU_CACHE_CAPACITY": "32"}
 
 
