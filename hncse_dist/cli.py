@@ -149,15 +149,21 @@ def _quiet_deepspeed_probe() -> None:
             os.environ["DS_ACCELERATOR"] = "cpu"
 
 
-# oneDNN (CPU matmuls, bf16 above all) JIT-compiles and caches a kernel per shape; the
-# padding-free forward changes the token count every step, so the default cache of 1024
-# kernels grows a CPU run by hundreds of MB (bench/memory_long.py). A smaller cache bounds it.
-ONEDNN_CACHE_DEFAULT = "256"
+# bf16 matmuls on CPU go through ideep (PyTorch's oneDNN wrapper), which keeps an LRU cache of
+# prepared matmuls (LRU_CACHE_CAPACITY, 1024 by default), over oneDNN's own cache of compiled
+# kernels (ONEDNN_PRIMITIVE_CACHE_CAPACITY, 1024). Both key on the shape, and the padding-free
+# forward packs a different number of tokens every step, so nearly every step adds entries that
+# are never hit again: a MiniLM run grew by about 1 GB over 900 steps. Caches of 64 and 32 hold
+# more than the ~18 shapes of one forward and backward (all layers share them), so a step still
+# reuses its kernels, and they are full after a few steps (bench/memory_long.py, BENCHMARKS.md);
+# caches of 8 are flat too but recompile within every step. GPU runs use neither cache.
+CPU_CACHE_DEFAULTS = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64", "LRU_CACHE_CAPACITY": "32"}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_CACHE_DEFAULT)  # before torch loads oneDNN
+    for name, value in CPU_CACHE_DEFAULTS.items():  # before torch loads oneDNN
+        os.environ.setdefault(name, value)
     if argv and argv[0] in ("train", "eval", "export"):
         _quiet_deepspeed_probe()
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
