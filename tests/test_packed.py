@@ -184,7 +184,7 @@ needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reas
 def test_encode_fast_path_equals_the_naive_padded_forward(kind, pooler, monkeypatch):
     import hncse_dist.packed as packed_mod
 
-    backbone, tok = build(kind, dropout=0.1)
+    backbone, tok = build(kind, dropout=0.1, initializer_range=0.3)  # activations of order 1: GELU variants differ
     enc = Encoder(backbone, tok, pooler=pooler, mlp_only_train=False)  # cls: the head is used too
     # lengths repeat (dense batches) and one is alone (the padded tail); one sentence twice
     sentences = SENTENCES + ["a dog sleeps", "the cat runs", "music", "a cat sleeps"]
