@@ -341,7 +341,8 @@ class Encoder(nn.Module):
         tail shares padded batches): no padding, no attention mask, and the padding-free
         forward needs no index bookkeeping. The embeddings stay on ``device`` until one copy
         at the end (no synchronisation per batch). The model is in eval mode for the call, and
-        no autograd graph is built.
+        no autograd graph is built; on a CPU the padding-free forward then runs its linear layers
+        through oneDNN (``packed.fast_inference``).
         """
         # no_grad, not inference_mode: tensors made under inference_mode (ZeRO-3's gathered
         # parameters, a model's lazily built caches) would reach the next training step's

@@ -162,3 +162,63 @@ def test_packing_built_before_the_transfer_gives_the_same_embeddings(monkeypatch
     tok.padding_side = "left"
     g = enc.tokenize(SENTENCES, 16)
     assert enc.packing_for(g["attention_mask"], "cpu") is None  # left padding: the model's forward
+
+
+def _naive_embeddings(enc: Encoder, sentences: list[str]) -> torch.Tensor:
+    """The model's own padded forward, one padded batch, no oneDNN kernels."""
+    packed, enc.packed = enc.packed, False
+    try:
+        with torch.no_grad():
+            f = enc.tokenize(sentences, 64)
+            return enc(f["input_ids"], f["attention_mask"])
+    finally:
+        enc.packed = packed
+
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")
+
+
+@needs_onednn
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+@pytest.mark.parametrize("pooler", ["cls", "cls_before_pooler", "avg", "avg_first_last"])
+def test_encode_fast_path_equals_the_naive_padded_forward(kind, pooler, monkeypatch):
+    import hncse_dist.packed as packed_mod
+
+    backbone, tok = build(kind, dropout=0.1, initializer_range=0.3)  # activations of order 1: GELU variants differ
+    enc = Encoder(backbone, tok, pooler=pooler, mlp_only_train=False)  # cls: the head is used too
+    # lengths repeat (dense batches) and one is alone (the padded tail); one sentence twice
+    sentences = SENTENCES + ["a dog sleeps", "the cat runs", "music", "a cat sleeps"]
+    calls = {"linear": 0, "gelu": 0}
+    real = torch.ops.mkldnn._linear_pointwise
+
+    class CountingOps:
+        @staticmethod
+        def _linear_pointwise(x, w, b, attr, scalars, algorithm):
+            calls["gelu" if attr == "gelu" else "linear"] += 1
+            return real(x, w, b, attr, scalars, algorithm)
+
+    monkeypatch.setattr(packed_mod.torch.ops, "mkldnn", CountingOps, raising=False)
+    fast = enc.encode(sentences, batch_size=3)
+    monkeypatch.undo()
+    layers = len(backbone.encoder.layer)
+    assert calls["gelu"] >= layers and calls["linear"] >= 3 * layers  # the oneDNN kernels ran
+    assert enc.training  # encode restores the mode
+    naive = _naive_embeddings(enc.eval(), sentences)
+    cos = torch.nn.functional.cosine_similarity(fast, naive)
+    assert cos.min().item() > 0.99999
+    torch.testing.assert_close(fast, naive, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_minilm_encode_equals_the_naive_forward():
+    from hncse_dist.packed import fast_inference
+
+    assert not fast_inference(torch.zeros(1))  # autograd on (training): the modules' own forward
+    with torch.no_grad():
+        assert fast_inference(torch.zeros(1)) and not fast_inference(torch.zeros(1, dtype=torch.bfloat16))
+    enc = Encoder.from_pretrained(MINILM, pooler="avg")
+    sentences = SENTENCES + ["two dogs are playing in the snow", "a man is slicing a tomato ."] * 3
+    fast = enc.encode(sentences, batch_size=4)
+    naive = _naive_embeddings(enc.eval(), sentences)
+    assert torch.nn.functional.cosine_similarity(fast, naive).min().item() > 0.99999
+    torch.testing.assert_close(fast, naive, rtol=1e-4, atol=2e-5)
