@@ -131,15 +131,17 @@ def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 def fast_inference(x: torch.Tensor) -> bool:
     """Whether the linear layers may take ``_onednn_linear``: float32 on a CPU with oneDNN, no
-    autograd graph being built (evaluation under ``torch.no_grad``)."""
+    autograd graph being built (evaluation under ``torch.no_grad``), no autocast (a bf16
+    training run evaluates under its autocast: activations turn bf16 next to fp32 weights)."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu")
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
 def _linear(module: nn.Module, x: torch.Tensor, fast: bool) -> torch.Tensor:
     """``module(x)``; a plain nn.Linear through oneDNN when ``fast`` (adapters and ZeRO-3
     partitioned layers always run their own forward)."""
-    if fast and type(module) is nn.Linear and not hasattr(module.weight, "ds_id"):
+    if fast and type(module) is nn.Linear and not hasattr(module.weight, "ds_id") and x.dtype == module.weight.dtype:
         return _onednn_linear(x, module.weight, module.bias)
     return module(x)
 
@@ -155,7 +157,8 @@ def _intermediate(layer: nn.Module, x: torch.Tensor, fast: bool) -> torch.Tensor
     """The feed-forward's first linear layer and activation; with ``fast``, an erf GELU is
     applied inside oneDNN's matmul (one pass over the [T, 4h] output instead of two)."""
     dense, act = layer.intermediate.dense, layer.intermediate.intermediate_act_fn
-    if fast and type(dense) is nn.Linear and not hasattr(dense.weight, "ds_id") and _exact_gelu(act):
+    if (fast and type(dense) is nn.Linear and not hasattr(dense.weight, "ds_id") and x.dtype == dense.weight.dtype
+            and _exact_gelu(act)):
         return torch.ops.mkldnn._linear_pointwise(x, dense.weight, dense.bias, "gelu", [], "none")
     return act(_linear(dense, x, fast))
 
@@ -177,7 +180,7 @@ def _attention(layer: nn.Module, x: torch.Tensor, pk: Packing, fast: bool = Fals
     else:  # one [T, 3h] matmul and one unpack instead of three
         w = torch.cat([att.query.weight, att.key.weight, att.value.weight])
         b = torch.cat([att.query.bias, att.key.bias, att.value.bias])
-        qkv = pk.unpack((_onednn_linear if fast else F.linear)(x, w, b)).view(pk.batch, pk.length, 3, heads, dh)
+        qkv = pk.unpack((_onednn_linear if fast and x.dtype == w.dtype else F.linear)(x, w, b)).view(pk.batch, pk.length, 3, heads, dh)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     p = att.dropout.p if att.training else 0.0
     scale = getattr(att, "scaling", dh ** -0.5)

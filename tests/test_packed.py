@@ -222,3 +222,23 @@ def test_minilm_encode_equals_the_naive_forward():
     naive = _naive_embeddings(enc.eval(), sentences)
     assert torch.nn.functional.cosine_similarity(fast, naive).min().item() > 0.99999
     torch.testing.assert_close(fast, naive, rtol=1e-4, atol=2e-5)
+
+
+@needs_onednn
+@pytest.mark.parametrize("pooler", ["cls", "avg"])
+def test_encode_under_bf16_autocast_keeps_the_models_own_linear_layers(pooler):
+    """A bf16 training run evaluates STS-B dev under its autocast: the activations turn bf16
+    next to fp32 weights, which oneDNN's fp32 matmul refuses ("could not create a primitive
+    descriptor"); the evaluation must take the modules' own (autocast) forward."""
+    from hncse_dist.packed import fast_inference
+
+    backbone, tok = build("bert", dropout=0.1)
+    enc = Encoder(backbone, tok, pooler=pooler, mlp_only_train=False)
+    sentences = SENTENCES + ["a dog sleeps", "the cat runs"]
+    fp32 = enc.encode(sentences, batch_size=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            assert not fast_inference(torch.zeros(1))
+        mixed = enc.encode(sentences, batch_size=3)
+    assert mixed.shape == fp32.shape and torch.isfinite(mixed).all()
+    assert torch.nn.functional.cosine_similarity(mixed.float(), fp32).min().item() > 0.99
