@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from .encoder import POOLERS
+from .model_path import POOLERS
 from .families import APPEND_EOS, PADDING_SIDES
 from .lora import LORA_EXPORTS, PeftMissing, parse_targets, require_peft
 from .objective import ObjectiveConfig
@@ -450,7 +450,7 @@ def check_ranges(cfg: TrainConfig) -> None:
 
 def check_model_folder(cfg: TrainConfig) -> None:
     """A local model path must be a model folder (hub names are checked at start-up)."""
-    from .encoder import check_model_path, resolve_model_path
+    from .model_path import check_model_path, resolve_model_path
 
     try:
         check_model_path(resolve_model_path(cfg.model_name_or_path))
@@ -593,7 +593,7 @@ def startup_checks(cfg: TrainConfig, world_size: int | None = None) -> None:
     """The checks that need the model's config (read, not the weights) and the machine."""
     from transformers import AutoConfig
 
-    from .encoder import resolve_model_path
+    from .model_path import resolve_model_path
 
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))

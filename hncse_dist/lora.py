@@ -190,7 +190,7 @@ def adapter_state(state: dict[str, torch.Tensor], prefix: str = "backbone.") -> 
 def base_model_reference(name_or_path: str) -> str:
     """How an adapter folder names its base model: an absolute path for local folders (the
     packaged MiniLM included), else the hub name."""
-    from .encoder import resolve_model_path
+    from .model_path import resolve_model_path
 
     path = resolve_model_path(name_or_path)
     return str(Path(path).resolve()) if os.path.isdir(path) else path

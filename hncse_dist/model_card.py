@@ -46,7 +46,7 @@ def command_line(argv: list[str] | None = None) -> str:
 
 
 def base_model_name(name: str) -> str:
-    from .encoder import PACKAGED_MODEL_NAMES
+    from .model_path import PACKAGED_MODEL_NAMES
 
     return PACKAGED_HUB_NAME if name in PACKAGED_MODEL_NAMES else name
 
