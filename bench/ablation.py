@@ -36,7 +36,8 @@ def evaluate(model: str, out: Path, tasks: str, threads: int, pooler: str | None
         if proc.returncode != 0:
             raise RuntimeError(f"eval of {model} failed:\n{proc.stderr[-3000:]}")
     res = json.loads(out.read_text())
-    scores = {k: v for k, v in {**res.get("sts", {}), **res.get("transfer", {})}.items() if isinstance(v, float)}
+    scores = {k: v for k, v in res.get("sts", {}).items() if k in TASKS}
+    scores.update({k: v for k, v in res.get("transfer", {}).items() if k in TRANSFER})  # not its own "avg"
     if "sts" in res:
         scores["avg"] = statistics.mean(scores[t] for t in TASKS)
     if "transfer" in res:
