@@ -180,17 +180,15 @@ def main() -> None:
     for seed in range(1, args.sweep_seeds):
         sweep_pass(seed)
     if sweep:  # the defaults' row, from the ablation's PM runs
-        pm_runs = [r for r in runs.values() if r["objective"] == "pm"][: args.sweep_seeds]
+        pm_runs = [r for r in runs.values() if r["objective"] == "pm"]  # all the ablation's PM seeds
         sweep[json.dumps({"pm_threshold": 0.1, "pm_w1": 0.8, "pm_w2": 0.2})] = {
             "overrides": {"default": "pm_threshold 0.1, pm_w 0.8/0.2"},
             "dev": [r["best_stsb_dev"] for r in pm_runs], "trigger": [r["pm_trigger_mean"] for r in pm_runs]}
     save()
-    series = {f"{obj} seed{r['seed']} {k.split('/')[-1]}": [(p["step"], p[k]) for p in r["trace"] if k in p]
-              for obj in ("pm", "hncse") for r in runs.values() if r["objective"] == obj and r["seed"] == 0
-              for k in ("pm/trigger_rate",)}
-    series.update({f"hncse seed0 {k}": [(p["step"], p[k]) for p in r["trace"] if k in p]
-                   for r in runs.values() if r["objective"] == "hncse" and r["seed"] == 0
-                   for k in ("cos/positive", "cos/hardest_negative")})
+    first = {r["objective"]: r["trace"] for r in runs.values() if r["seed"] == 0}
+    series = {f"{obj} seed0 {key}": [(p["step"], p[key]) for p in first[obj] if key in p]
+              for obj, key in (("pm", "pm/trigger_rate"), ("hncse", "pm/trigger_rate"),
+                               ("hncse", "cos/positive"), ("hncse", "cos/hardest_negative")) if obj in first}
     svg_plot(series, path.with_name("ablation_pm.svg"), "PM trigger rate and cosines over training (MLM start)")
     table = markdown(results)
     path.with_suffix(".md").write_text(table)

@@ -138,12 +138,15 @@ def fast_inference(x: torch.Tensor) -> bool:
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
+def _onednn_ok(module: nn.Module, x: torch.Tensor, fast: bool) -> bool:
+    """A plain nn.Linear whose weight has ``x``'s dtype may take oneDNN when ``fast`` (adapters
+    and ZeRO-3 partitioned layers always run their own forward)."""
+    return fast and type(module) is nn.Linear and not hasattr(module.weight, "ds_id") and x.dtype == module.weight.dtype
+
+
 def _linear(module: nn.Module, x: torch.Tensor, fast: bool) -> torch.Tensor:
-    """``module(x)``; a plain nn.Linear through oneDNN when ``fast`` (adapters and ZeRO-3
-    partitioned layers always run their own forward)."""
-    if fast and type(module) is nn.Linear and not hasattr(module.weight, "ds_id") and x.dtype == module.weight.dtype:
-        return _onednn_linear(x, module.weight, module.bias)
-    return module(x)
+    """``module(x)``; through oneDNN when ``_onednn_ok``."""
+    return _onednn_linear(x, module.weight, module.bias) if _onednn_ok(module, x, fast) else module(x)
 
 
 def _exact_gelu(fn) -> bool:
@@ -157,8 +160,7 @@ def _intermediate(layer: nn.Module, x: torch.Tensor, fast: bool) -> torch.Tensor
     """The feed-forward's first linear layer and activation; with ``fast``, an erf GELU is
     applied inside oneDNN's matmul (one pass over the [T, 4h] output instead of two)."""
     dense, act = layer.intermediate.dense, layer.intermediate.intermediate_act_fn
-    if (fast and type(dense) is nn.Linear and not hasattr(dense.weight, "ds_id") and x.dtype == dense.weight.dtype
-            and _exact_gelu(act)):
+    if _onednn_ok(dense, x, fast) and _exact_gelu(act):
         return torch.ops.mkldnn._linear_pointwise(x, dense.weight, dense.bias, "gelu", [], "none")
     return act(_linear(dense, x, fast))
 
@@ -180,7 +182,8 @@ def _attention(layer: nn.Module, x: torch.Tensor, pk: Packing, fast: bool = Fals
     else:  # one [T, 3h] matmul and one unpack instead of three
         w = torch.cat([att.query.weight, att.key.weight, att.value.weight])
         b = torch.cat([att.query.bias, att.key.bias, att.value.bias])
-        qkv = pk.unpack((_onednn_linear if fast and x.dtype == w.dtype else F.linear)(x, w, b)).view(pk.batch, pk.length, 3, heads, dh)
+        linear = _onednn_linear if _onednn_ok(att.query, x, fast) else F.linear
+        qkv = pk.unpack(linear(x, w, b)).view(pk.batch, pk.length, 3, heads, dh)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     p = att.dropout.p if att.training else 0.0
     scale = getattr(att, "scaling", dh ** -0.5)
