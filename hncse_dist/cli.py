@@ -67,12 +67,32 @@ def _train(argv: list[str]) -> int:
         except (OSError, ValueError):
             pass  # e.g. a hub name offline: every process reports it with its context
         return launch(args.nproc_per_node, argv)
+    code = _run_training(cfg)
+    if cfg.deepspeed or _distributed_initialized():
+        # A rank that leaves with its process group (gloo, DeepSpeed's CPU communication) still
+        # up can abort in the interpreter's teardown ("terminate called without an active
+        # exception", SIGABRT), turning exit 0 or 2 into 134: what the rank had to say is said
+        # and written, so it leaves without the teardown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _distributed_initialized() -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _run_training(cfg) -> int:
+    """train(cfg), with each way it can end as an exit code and (at most) one line."""
     from .checkpoint import CheckpointWriteError
+    from .config import ConfigError
     from .data.tario import ShardError
     from .train import EvalFailed, TrainingDiverged, train
 
     try:
-        code = train(cfg)
+        return train(cfg)
     except ConfigError as err:
         print(f"hncse-dist train: error: {err}", file=sys.stderr)
         return 2
@@ -92,15 +112,7 @@ def _train(argv: list[str]) -> int:
         return 1
     except CheckpointWriteError as err:  # raised on every rank together; the previous checkpoint is kept
         print(f"hncse-dist train: error: {err}", file=sys.stderr)
-        code = 1
-    if cfg.deepspeed:
-        # Everything is written and every rank has passed the final barrier. DeepSpeed's CPU
-        # communication threads can abort the interpreter's teardown ("terminate called
-        # without an active exception"), turning a finished run into a failed one.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    return code
+        return 1
 
 
 def _export(argv: list[str]) -> int:

@@ -544,8 +544,17 @@ class Trainer:
 
 
 def train(cfg: TrainConfig) -> int:
-    """Run training; returns the process exit code (0, or REQUEUE_EXIT_CODE after preemption)."""
-    return Trainer(cfg).fit()
+    """Run training; returns the process exit code (0, or REQUEUE_EXIT_CODE after preemption).
+    A run that fails still has what it logged on disk (the CLI's ranks leave without the
+    interpreter's teardown, which would otherwise flush it)."""
+    trainer = Trainer(cfg)
+    try:
+        return trainer.fit()
+    except BaseException:
+        if getattr(trainer, "bar", None) is not None:
+            trainer.bar.close()
+        trainer.log.close()
+        raise
 
 
 class NonFiniteSkips:

@@ -188,7 +188,11 @@ def test_payload_in_every_file_of_a_zero2_checkpoint_never_runs(tmp_path, tiny_b
 
 @pytest.mark.slow
 @pytest.mark.dist
-def test_rank_file_from_another_run_is_refused(tmp_path, tiny_bert, corpus, ddp_run, other_ddp_run):
+@pytest.mark.parametrize("attempt", range(3))
+def test_rank_file_from_another_run_is_refused(tmp_path, tiny_bert, corpus, ddp_run, other_ddp_run, attempt):
+    """Each rank exits 2 with one line, every time: a rank that left with its gloo process group
+    up aborted in the interpreter's teardown (SIGABRT, "terminate called without an active
+    exception") in about 1 refusal in 4 under load, hence the repeats."""
     out = run_copy(ddp_run, tmp_path / "mixed")
     ckpt = out / "checkpoints" / "step-00000004"
     shutil.copy(other_ddp_run / "checkpoints" / "step-00000004" / "hncse_rank1.pt", ckpt / "hncse_rank1.pt")
@@ -201,6 +205,7 @@ def test_rank_file_from_another_run_is_refused(tmp_path, tiny_bert, corpus, ddp_
     for p in ranks:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 2, err[-3000:]
+        assert "terminate called" not in err, err[-3000:]
         lines = [l for l in err.splitlines() if "error" in l.lower()]
         assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
         assert lines[0].startswith(f"hncse-dist train: error: refusing checkpoint {ckpt}: hncse_rank1.pt belongs to run ")
