@@ -43,12 +43,29 @@ def head(path: Path, lines: int) -> list[str]:
         return list(dict.fromkeys(s for s in (line.strip() for _, line in zip(range(lines), f)) if s))
 
 
-def parser(doc: str | None, output: str | None = None) -> argparse.ArgumentParser:
-    """The docstring's first paragraph as description; ``--output`` under bench/results/."""
+# options several scripts take: name -> (type, help); ``parser(..., threads=1)`` adds ``--threads`` defaulting to 1
+OPTIONS = {"threads": (int, "torch / OMP threads (0 or none: torch's default)"), "corpus": (Path, "sentence file"),
+           "model": (str, "model folder or name"), "steps": (int, "steps (timed rounds for step timers)"),
+           "batch_size": (int, "sentences per step"), "seeds": (int, "seeds per setting"),
+           "precision": (str, "mixed_precision of the runs"), "eval_every": (int, "STS-B dev every N steps"),
+           "work": (Path, "runs and data (finished runs are skipped on a rerun)"),
+           "results": (Path, "result JSON (the Markdown tables beside it)")}
+
+
+def parser(doc: str | None, output: str | None = None, **defaults) -> argparse.ArgumentParser:
+    """The docstring's first paragraph as description; ``--output`` under bench/results/; the
+    shared OPTIONS named in ``defaults`` with those defaults."""
     p = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
     if output is not None:
         p.add_argument("--output", type=Path, default=RESULTS / output)
+    for name, default in defaults.items():
+        kind, text = OPTIONS[name]
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=default, help=text)
     return p
+
+
+def load_results(path: Path) -> dict:
+    return json.loads(Path(path).read_text(encoding="utf-8")) if Path(path).is_file() else {}
 
 
 def need_file(path: Path, fix: str = "set HNCSE_DATA_DIR or pass --corpus") -> None:
@@ -227,6 +244,17 @@ def python(*args: str, timeout: float | None = None, threads: int | None = None)
 def cli(*args: str, timeout: float | None = None, threads: int | None = None) -> subprocess.CompletedProcess:
     """``hncse-dist ARGS`` with this interpreter, output captured."""
     return python("-m", "hncse_dist.cli", *args, timeout=timeout, threads=threads)
+
+
+def evaluate(model: str, out: Path, tasks: str = "sts", threads: int | None = None, pooler: str | None = None) -> dict:
+    """``hncse-dist eval`` into ``out`` unless it exists (default pooler: the checkpoint's own); its JSON."""
+    if not Path(out).is_file():
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        proc = cli("eval", "--model", model, "--tasks", tasks, "--output", out, "--no-progress", "--data-dir",
+                   data_root(), *(["--threads", threads] if threads else []), *(["--pooler", pooler] if pooler else []))
+        if proc.returncode != 0:
+            raise RuntimeError(f"eval of {model} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(Path(out).read_text())
 
 
 def timed(*args: str, marks: dict[str, str] | None = None, threads: int | None = None) -> dict:
