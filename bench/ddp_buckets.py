@@ -1,45 +1,29 @@
-"""DDP's bucket layout and a resume: cost and exactness of ddp_fixed_buckets (find_unused_parameters=True).
-
-Per mode (fixed = find_unused_parameters=True, the trainer's default; regroup = DDP's default),
-on W gloo ranks: (1) the time of a forward + backward + SGD step, the two modes alternating step
-by step in one process; (2) a "resume": N steps in one DDP wrapper against K steps, then a fresh
-wrapper (as a resumed process builds) for the remaining N - K, and how many parameter tensors
-differ at step N.
-
-    python -m torch.distributed.run --nproc_per_node 4 bench/ddp_buckets.py MODEL_DIR [--steps 40]
-      -> bench/results/ddp_buckets.json (rank 0)
+"""DDP's bucket layout and a resume on W gloo ranks: step time and exactness of ``ddp_fixed_buckets``
+(find_unused_parameters=True) against DDP's regrouping. Method and results: BENCHMARKS.md, "DDP bucket layout".
+Run as ``python -m torch.distributed.run --nproc_per_node 4 bench/ddp_buckets.py MODEL_DIR``.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import os
-import statistics
-import sys
-import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from common import machine, median, parser, rounds, write
+
 MODES = {"fixed": {"find_unused_parameters": True}, "regroup": {}, "param_order": {}}
 
 
-def batch(step: int, rank: int, rows: int, seq: int) -> torch.Tensor:
-    return torch.randint(0, 1000, (rows, seq), generator=torch.Generator().manual_seed(1000 * step + rank))
-
-
-def train(ddp: DDP, opt, step: int, rank: int, rows: int, seq: int) -> float:
+def train(ddp: DDP, opt, step: int, rank: int, rows: int, seq: int) -> None:
     torch.manual_seed(10 * step + rank)  # dropout masks: the same in every wrapper at a step
-    t0 = time.perf_counter()
-    out = ddp(input_ids=batch(step, rank, rows, seq)).last_hidden_state
+    ids = torch.randint(0, 1000, (rows, seq), generator=torch.Generator().manual_seed(1000 * step + rank))
+    out = ddp(input_ids=ids).last_hidden_state
     (out.pow(2).mean() + 0.01 * out[:, 0].sum()).backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return time.perf_counter() - t0
 
 
 def wrap(base, state, kwargs, mode):
@@ -53,25 +37,21 @@ def wrap(base, state, kwargs, mode):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("model")
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--rows", type=int, default=16)
-    ap.add_argument("--seq", type=int, default=32)
-    ap.add_argument("--output", default=str(Path(__file__).parent / "results" / "ddp_buckets.json"))
-    args = ap.parse_args()
+    p = parser(__doc__, "ddp_buckets.json", steps=40)
+    p.add_argument("model")
+    p.add_argument("--rows", type=int, default=16, help="sequences per rank")
+    p.add_argument("--seq", type=int, default=32, help="tokens per sequence")
+    args = p.parse_args()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     from transformers import AutoModel
 
     base = AutoModel.from_pretrained(args.model, add_pooling_layer=False).train()
     state = copy.deepcopy(base.state_dict())
-    wrappers = {m: wrap(base, state, kw, m) for m, kw in MODES.items()}
-    times = {m: [] for m in MODES}
-    for step in range(1, args.steps + 1):
-        order = list(MODES)[step % len(MODES):] + list(MODES)[:step % len(MODES)]
-        for m in order:
-            times[m].append(train(*wrappers[m], step, rank, args.rows, args.seq))
+    wrappers, current = {m: wrap(base, state, kw, m) for m, kw in MODES.items()}, [1]
+    # the modes alternate step by step; the first 3 steps (warm-up, DDP's regrouping) are not timed
+    times, _ = rounds({m: lambda m=m: train(*wrappers[m], current[0], rank, args.rows, args.seq) for m in MODES}, 3,
+                      args.steps - 3, after_round=lambda _: current.__setitem__(0, current[0] + 1), log=False)
     n, k = 6, 3
     resume = {}
     for m, kw in MODES.items():
@@ -88,15 +68,12 @@ def main() -> None:
         resume[m] = {"tensors_differing": sum(not torch.equal(a[key], b[key]) for key in a), "tensors": len(a),
                      "max_abs_diff": max((a[key] - b[key]).abs().max().item() for key in a)}
     if rank == 0:
-        med = {m: statistics.median(t[3:]) for m, t in times.items()}  # the first steps: warm-up, the regrouping
-        report = {"model": args.model, "world": world, "rows_per_rank": args.rows, "seq": args.seq,
-                  "params": sum(p.numel() for p in base.parameters()), "steps_timed": args.steps - 3,
-                  "step_s_median": med, "over_regroup": {m: med[m] / med["regroup"] for m in med},
-                  "resume_after_3_of_6_steps": resume, "load_avg": os.getloadavg(),
-                  "torch": torch.__version__, "omp_threads": torch.get_num_threads()}
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
-        json.dump(report, sys.stdout, indent=2)
+        med = {m: median(t) for m, t in times.items()}
+        write(args.output, {"model": args.model, "world": world, "rows_per_rank": args.rows, "seq": args.seq,
+                            "params": sum(p.numel() for p in base.parameters()), "steps_timed": args.steps - 3,
+                            "step_s_median": med, "over_regroup": {m: med[m] / med["regroup"] for m in med},
+                            "resume_after_3_of_6_steps": resume, "load_avg": os.getloadavg(),
+                            "torch": torch.__version__, "omp_threads": torch.get_num_threads(), "machine": machine()})
     dist.destroy_process_group()
 
 
