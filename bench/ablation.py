@@ -1,13 +1,6 @@
-"""The paper's ablation from a non-contrastive start: SimCSE, PM, HNM and HNCSE from a small BERT
-pretrained only with MLM (bench/pretrain_mlm.py), then PM's open choices on STS-B dev.
-Protocol and results: BENCHMARKS.md ("Ablation from an MLM start").
-
-    python bench/pretrain_mlm.py                      # builds runs/mlm-L4-H256 when absent
-    python bench/ablation.py                          # 4 objectives x 3 seeds, then the PM sweep
-    python bench/ablation.py --steps 20 --eval-every 10 --seeds 1 --sweep-seeds 1 --transfer-seeds 0   # smoke
-
-Results accumulate in bench/results/ablation.json (a rerun skips finished runs); the tables go
-to ablation.md and the PM trigger-rate plot to ablation_pm.svg.
+"""The paper's ablation from a non-contrastive start: SimCSE, PM, HNM and HNCSE from a small BERT pretrained
+only with MLM (bench/pretrain_mlm.py), then PM's open choices on STS-B dev; finished runs are skipped on a
+rerun. Protocol and results: BENCHMARKS.md, "Ablation from an MLM start".
 """
 
 from __future__ import annotations
@@ -16,8 +9,9 @@ import json
 import statistics
 from pathlib import Path
 
-from common import REPO_ROOT, cli, corpus, data_root, md_table, need_file, parser
-from quality import TASKS, prepare_shards, train
+import common
+from common import REPO_ROOT, load_results, md_table
+from quality import TASKS, prepare, train
 
 OBJECTIVES = ("simcse", "pm", "hnm", "hncse")
 TRANSFER = ["MR", "CR", "SUBJ", "MPQA", "SST2", "TREC", "MRPC"]
@@ -28,14 +22,8 @@ PM_SWEEP = [{"pm_threshold": t} for t in (0.05, 0.2, 0.3)] + [
 
 
 def evaluate(model: str, out: Path, tasks: str, threads: int, pooler: str | None = None) -> dict:
-    """``hncse-dist eval`` (default pooler: the checkpoint's own, i.e. [CLS] without the MLP head)."""
-    if not out.is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        proc = cli("eval", "--model", model, "--tasks", tasks, "--output", str(out), "--no-progress",
-                   "--data-dir", str(data_root()), "--threads", str(threads), *(["--pooler", pooler] if pooler else []))
-        if proc.returncode != 0:
-            raise RuntimeError(f"eval of {model} failed:\n{proc.stderr[-3000:]}")
-    res = json.loads(out.read_text())
+    """``hncse-dist eval``'s per-task scores, with the STS and transfer averages of these tasks."""
+    res = common.evaluate(model, out, tasks, threads, pooler)
     scores = {k: v for k, v in res.get("sts", {}).items() if k in TASKS}
     scores.update({k: v for k, v in res.get("transfer", {}).items() if k in TRANSFER})  # not its own "avg"
     if "sts" in res:
@@ -101,26 +89,16 @@ def markdown(results: dict) -> str:
 
 
 def main() -> None:
-    ap = parser(__doc__)
-    ap.add_argument("--model", default=str(REPO_ROOT / "runs" / "mlm-L4-H256"), help="the MLM-pretrained start")
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--eval-every", type=int, default=100)
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap = common.parser(__doc__, steps=300, eval_every=100, batch_size=64, seeds=3, precision="bf16", threads=1,
+                       model=str(REPO_ROOT / "runs" / "mlm-L4-H256"), work=REPO_ROOT / "runs" / "ablation",
+                       results=common.RESULTS / "ablation.json")
     ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--sweep-seeds", type=int, default=2, help="seeds per PM sweep setting (0: no sweep)")
-    ap.add_argument("--precision", default="bf16")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--transfer-seeds", type=int, default=1,
-                    help="seeds whose checkpoints also run the SentEval transfer tasks (the rest: STS only)")
-    ap.add_argument("--work", default=str(REPO_ROOT / "runs" / "ablation"))
-    ap.add_argument("--results", default=str(REPO_ROOT / "bench" / "results" / "ablation.json"))
+    ap.add_argument("--transfer-seeds", type=int, default=1, help="seeds whose checkpoints also run SentEval transfer")
     args = ap.parse_args()
-    need_file(corpus(), "set HNCSE_DATA_DIR to the folder holding corpus/ and sts/")
-    need_file(Path(args.model) / "config.json", "build the start with: python bench/pretrain_mlm.py")
-    work, path = Path(args.work), Path(args.results)
-    work.mkdir(parents=True, exist_ok=True)
-    results = json.loads(path.read_text()) if path.is_file() else {}
+    common.need_file(Path(args.model) / "config.json", "build the start with: python bench/pretrain_mlm.py")
+    work, path, shards = prepare(args)
+    results = load_results(path)
     results["setup"] = {k: v for k, v in vars(args).items() if k not in ("work", "results")}
     runs, sweep = results.setdefault("runs", {}), results.setdefault("sweep", {})
     for r in runs.values():
@@ -129,7 +107,6 @@ def main() -> None:
     def save() -> None:
         path.write_text(json.dumps(results, indent=2) + "\n")
 
-    shards = prepare_shards(work, lines=max(40_000, args.steps * args.batch_size + 1000))
     results.setdefault("untrained", {})
     for pooler in ("cls_before_pooler", "avg"):
         if pooler not in results["untrained"]:

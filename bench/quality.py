@@ -1,11 +1,6 @@
-"""HNCSE vs SimCSE (and PM, HNM alone) from the packaged all-MiniLM-L6-v2 on the STS suite.
-Protocol and results: BENCHMARKS.md.
-
-    python bench/quality.py                                         # full protocol, about an hour on 2 cores
-    python bench/quality.py --steps 20 --sweep-steps 10 --seeds 1   # smoke run
-    python bench/quality.py --seeds 1 --no-sweep                    # one seed each, default HNCSE options
-
-Results accumulate in bench/results/quality.json (a rerun skips finished runs); the table goes to quality.md.
+"""HNCSE vs SimCSE (and PM, HNM alone) from the packaged all-MiniLM-L6-v2 on the STS suite, after a
+one-factor sweep of HNCSE's options; finished runs are skipped on a rerun. Protocol and results:
+BENCHMARKS.md, "Quality: HNCSE vs SimCSE" (smoke: ``--steps 20 --sweep-steps 10 --seeds 1``).
 """
 
 from __future__ import annotations
@@ -15,7 +10,7 @@ import statistics
 import time
 from pathlib import Path
 
-from common import REPO_ROOT, cli, corpus, data_root, md_table, need_file, parser
+from common import RESULTS, REPO_ROOT, cli, corpus, data_root, load_results, md_table, need_file, parser
 
 from hncse_dist.data.shards import write_shards
 
@@ -28,13 +23,17 @@ SWEEP = {  # factor -> candidate overrides (the first is the default)
 }
 
 
-def prepare_shards(work: Path, lines: int) -> Path:
-    shards = work / "shards"
+def prepare(args) -> tuple[Path, Path, Path]:
+    """The work folder, the results file and the shards of the corpus head (built once)."""
+    need_file(corpus(), "set HNCSE_DATA_DIR to the folder holding corpus/ and sts/")
+    work, shards = Path(args.work), Path(args.work) / "shards"
+    work.mkdir(parents=True, exist_ok=True)
+    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     if not (shards / "manifest.json").is_file():
         with open(corpus()) as src, open(work / "wiki_subset.txt", "w") as dst:
-            dst.writelines(line for _, line in zip(range(lines), src))
+            dst.writelines(line for _, line in zip(range(max(40_000, args.steps * args.batch_size + 1000)), src))
         write_shards([str(work / "wiki_subset.txt")], str(shards), samples_per_shard=5000, progress=False)
-    return shards
+    return work, Path(args.results), shards
 
 
 def train(name: str, work: Path, shards: Path, args, overrides: dict) -> dict:
@@ -46,7 +45,7 @@ def train(name: str, work: Path, shards: Path, args, overrides: dict) -> dict:
                 "eval_every": args.eval_every, "save_every": 0, "keep_last": 1, "progress": "false", "log_every": 25,
                 "num_workers": 1, "max_seq_length": 32, "learning_rate": 3e-5, **overrides}
         proc = cli("train", f"train_shards={shards}", f"output_dir={out}", *[f"{k}={v}" for k, v in keys.items()],
-                   threads=getattr(args, "threads", None))
+                   threads=args.threads)
         if proc.returncode != 0:
             raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
         print(f"  trained {name} in {time.time() - start:.0f} s", flush=True)
@@ -84,31 +83,21 @@ def markdown(results: dict) -> str:
 
 
 def main() -> None:
-    ap = parser(__doc__)
-    ap.add_argument("--steps", type=int, default=250)
+    ap = parser(__doc__, steps=250, eval_every=125, batch_size=64, seeds=3, precision="bf16", threads=None,
+                work=REPO_ROOT / "runs" / "quality", results=RESULTS / "quality.json")
     ap.add_argument("--sweep-steps", type=int, default=125)
-    ap.add_argument("--eval-every", type=int, default=125)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--precision", default="bf16")
     ap.add_argument("--min-gain", type=float, default=0.2,
                     help="STS-B dev points (x100) a swept value must gain over the default to replace it")
     ap.add_argument("--no-sweep", action="store_true", help="skip the sweep: HNCSE keeps the documented defaults")
-    ap.add_argument("--work", default=str(REPO_ROOT / "runs" / "quality"))
-    ap.add_argument("--results", default=str(REPO_ROOT / "bench" / "results" / "quality.json"))
     args = ap.parse_args()
-    need_file(corpus(), "set HNCSE_DATA_DIR to the folder holding corpus/ and sts/")
-    work, path = Path(args.work), Path(args.results)
-    work.mkdir(parents=True, exist_ok=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    results = json.loads(path.read_text()) if path.is_file() else {}
+    work, path, shards = prepare(args)
+    results = load_results(path)
     results["setup"] = {k: v for k, v in vars(args).items() if k not in ("work", "results")}
     runs, sweep = results.setdefault("runs", {}), results.setdefault("sweep", {})
 
     def save() -> None:
         path.write_text(json.dumps(results, indent=2))
 
-    shards = prepare_shards(work, lines=max(40_000, args.steps * args.batch_size + 1000))
     if "untrained" not in runs:
         print("evaluating the untrained model", flush=True)
         runs["untrained"] = {"objective": "none", "sts": sts_test("all-MiniLM-L6-v2", "cls_before_pooler"),

@@ -200,16 +200,11 @@ def markdown(res: dict) -> str:
     def rss(v: dict) -> str:  # runs before the sampled VmHWM kept wait4's peak
         return f"{v.get('peak_rss_wait4_mb', v['peak_rss_mb']):.0f}"
 
-    out = ["# Paper-scale recipe check (configs/bert-base-unsup.yaml)\n",
-           f"Command: `{res.get('command', '')}`; machine: {res.get('machine', '')}\n"]
-    if c := res.get("corpus"):
-        out.append(f"Stand-in corpus: {c['want']['lines']:,} lines, {c['bytes'] / MB:.0f} MB, words per line mean "
-                   f"{c['words_mean']:.1f} / median {c['words_median']:.0f} / p95 {c['words_p95']}.\n")
+    out = [f"Command: `{res.get('command', '')}`; machine: {res.get('machine', '')}\n"]
     if "shards" in res:
-        out.append(md_table(["`hncse-dist shards`", "wall s", "CPU s", "peak RSS MB", "shards", "samples",
-                             "on disk MB"],
-                            [[k, s(v["wall_s"]), s(v.get("cpu_s")), rss(v), v["shards"],
-                              f"{v['samples']:,}", f"{v['disk_mb']:.0f}"] for k, v in res["shards"].items()]))
+        out.append(md_table(["`hncse-dist shards`", "wall s", "CPU s", "peak RSS MB", "shards", "samples", "on disk MB"],
+                            [[k, s(v["wall_s"]), s(v.get("cpu_s")), rss(v), v["shards"], f"{v['samples']:,}",
+                              f"{v['disk_mb']:.0f}"] for k, v in res["shards"].items()]))
     if "stream" in res:
         out.append(md_table(["stream, shuffle_buffer", "first batch s", "batches/s (with start-up)",
                              "median span of a batch in file lines", "peak PSS MB (process + workers)"],
@@ -217,27 +212,30 @@ def markdown(res: dict) -> str:
                               f"{v['batch_line_span_median']:,.0f}", f"{v['peak_pss_tree_mb']:.0f}"]
                              for v in res["stream"].values()]))
     if "train" in res:
-        out.append(md_table(["trainer (tiny model, 20 steps)", "shards ready s", "first step s", "whole run s",
+        out.append(md_table(["trainer (tiny model)", "shards ready s", "first step s", "whole run s", "CPU s",
                              "peak trainer RSS MB", "peak PSS MB (trainer + workers)", "implicit shards MB"],
                             [[k, s(t["marks_s"].get("shards_ready")), s(t["marks_s"].get("first_step")), s(t["wall_s"]),
-                              rss(t), f"{t['peak_pss_tree_mb']:.0f}",
-                              f"{t['implicit_shards_mb']:.0f}"]
+                              s(t.get("cpu_s")), rss(t), f"{t['peak_pss_tree_mb']:.0f}", f"{t['implicit_shards_mb']:.0f}"]
                              for k in ("train_file", "train_shards") if (t := res["train"].get(k))]))
     if e := res.get("estimate"):
-        r, t, b, mfus = e["recipe"], e["tokens"], e["bert_base"], e["mfu_assumed"]
-        ckpt = e.get("checkpoint_mb_bert_base")
-        ckpt = f" of ~{ckpt:.0f} MB each (bert-base)" if ckpt else ""
-        top = f"{mfus[-1]:.0%}"
-        out += [f"Recipe: batch {r['batch_size']}, max length {r['max_seq_length']}, {r['num_epochs']} epoch, "
-                f"{e['samples']:,} samples -> **{e['steps_per_epoch']:,} steps per epoch** (1 process); eval_every "
-                f"{r['eval_every']} -> {e['evaluations']} STS-B dev evaluations; save_every {r['save_every']} -> "
-                f"{e['checkpoints']} checkpoints{ckpt}; log_every {r['log_every']} -> {e['log_lines']} log lines.\n",
-                f"Tokens (sampled {t['batches_sampled']} random batches): {t['real_per_sentence']:.1f} real tokens per "
-                f"sentence, padded length {t['padded_length_mean']:.1f}, {t['real_fraction']:.0%} of padded positions "
-                f"real. bert-base shape: {b['parameters'] / 1e6:.1f}M parameters, {b['dense_parameters'] / 1e6:.1f}M "
-                f"non-embedding. Model FLOPs: {e['flops_per_step'] / 1e12:.2f} TFLOP per step, "
-                f"{e['flops_epoch'] / 1e15:.1f} PFLOP per epoch, {e['flops_evals'] / 1e15:.2f} PFLOP for the "
-                f"evaluations ({e['stsb_dev']['sentences']} distinct STS-B dev sentences each).\n",
+        mfus, top = e["mfu_assumed"], f"{e['mfu_assumed'][-1]:.0%}"
+        facts = {"stand-in corpus lines / MB / words per line (mean, median, p95)": (
+                     f"{res['corpus']['want']['lines']:,} / {res['corpus']['bytes'] / MB:.0f} / "
+                     f"{res['corpus']['words_mean']:.1f}, {res['corpus']['words_median']:.0f}, "
+                     f"{res['corpus']['words_p95']}"),
+                 "samples -> steps per epoch (1 process)": f"{e['samples']:,} -> {e['steps_per_epoch']:,}",
+                 "STS-B dev evaluations / checkpoints / log lines":
+                     f"{e['evaluations']} / {e['checkpoints']} / {e['log_lines']}",
+                 "checkpoint MB (bert-base)": s(e.get("checkpoint_mb_bert_base")),
+                 "real tokens per sentence / padded length / real share": (
+                     f"{e['tokens']['real_per_sentence']:.1f} / {e['tokens']['padded_length_mean']:.1f} / "
+                     f"{e['tokens']['real_fraction']:.0%}"),
+                 "bert-base parameters / non-embedding (M)": (
+                     f"{e['bert_base']['parameters'] / 1e6:.1f} / {e['bert_base']['dense_parameters'] / 1e6:.1f}"),
+                 "TFLOP per step / PFLOP per epoch / PFLOP of the evaluations": (
+                     f"{e['flops_per_step'] / 1e12:.2f} / {e['flops_epoch'] / 1e15:.1f} / {e['flops_evals'] / 1e15:.2f}")}
+        out += [md_table(["recipe " + ", ".join(f"{k} {v}" for k, v in e["recipe"].items()), "value"],
+                         [[k, v] for k, v in facts.items()]),
                 md_table(["GPU (dense fp16/bf16 peak, TFLOP/s)",
                           *(f"epoch min @ {m:.0%} MFU (train + eval)" for m in mfus),
                           f"step ms @ {top}", f"sentences/s to feed @ {top}"],
@@ -248,11 +246,10 @@ def markdown(res: dict) -> str:
 
 
 def main() -> int:
-    p = parser(__doc__, "recipe_check.json")
+    p = parser(__doc__, "recipe_check.json", steps=20)
     p.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset (results merge into --output)")
     p.add_argument("--lines", type=int, default=1_000_000, help="lines of the stand-in corpus")
     p.add_argument("--work", type=Path, default=Path("/tmp/hncse-recipe-check"), help="corpus, shards, runs (~3 GB)")
-    p.add_argument("--steps", type=int, default=20, help="training steps of the tiny-model runs")
     p.add_argument("--token-batches", type=int, default=2000, help="random batches behind the FLOPs estimate")
     p.add_argument("--mfu", default="0.3,0.4", help="assumed MFUs of the GPU estimates")
     args = p.parse_args()
