@@ -198,11 +198,9 @@ def pipeline(args, tokenizer, work: Path, shard_dir: str, gz_dir: str) -> dict:
 
 
 def main() -> int:
-    p = parser(__doc__)
-    p.add_argument("--corpus", type=Path, default=corpus())
+    p = parser(__doc__, corpus=corpus(), steps=5)
     p.add_argument("--lines", type=int, default=100_000, help="corpus head to shard")
     p.add_argument("--epochs", type=int, default=1, help="stream epochs timed")
-    p.add_argument("--steps", type=int, default=5, help="timed training steps after 1 warm-up")
     p.add_argument("--work-dir", type=Path, default=None, help="shard cache (default: a temporary folder)")
     p.add_argument("--output", type=Path, default=None,
                    help="default bench/results/data_throughput.json (data_sources.json with --sources)")

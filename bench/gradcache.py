@@ -7,7 +7,6 @@ batch size. Method and results: BENCHMARKS.md.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
@@ -74,16 +73,14 @@ def point(args, mode: str, batch: int, chunk: int) -> dict:
 
 
 def main() -> None:
-    p = parser(__doc__, "gradcache.json")
+    p = parser(__doc__, "gradcache.json", threads=1, model=None)
     p.add_argument("--batches", default="16,64,128,256", help="sentences per step (2x as many sequences)")
     p.add_argument("--chunk", type=int, default=64, help="sequences per chunk")
     p.add_argument("--batch", type=int, default=16, help="--worker's batch")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--model", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker", choices=("memory", "time"), help="measure one point in this process, print its JSON")
     args = p.parse_args()
     cpu_only(args.device)

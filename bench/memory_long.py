@@ -1,6 +1,6 @@
 """Memory over a long run: the RSS of the trainer and its DataLoader workers every 100 steps of a real
-``hncse-dist train`` run, read through /proc; ``--step-loop N``: N MiniLM steps in this process, without
-the trainer or ``hncse-dist``'s cache defaults. Method and results: BENCHMARKS.md, "Memory over a long CPU run".
+``hncse-dist train`` run, read through /proc; ``--step-loop N``: N MiniLM training steps in this process,
+without ``hncse-dist``'s cache defaults. Method and results: BENCHMARKS.md, "Memory over a long CPU run".
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import (MINILM, REPO_ROOT, RESULTS, WIKI_SAMPLE, descendants, env, md_table, parser, proc_mb, rss_mb,
-                    write)
+from common import (MINILM, REPO_ROOT, RESULTS, WIKI_SAMPLE, bench_trainer, cpu_only, descendants, env, head, md_table,
+                    parser, proc_mb, rss_mb, shards_of, train_step, write)
 
 from tests.fixtures import build_tiny_bert
 
@@ -81,34 +81,26 @@ def measure(args, out_dir: Path, model: str) -> dict:
 
 
 def step_loop(steps: int, block: int = 5) -> None:
-    import random
-
+    """The product's SimCSE step (``Trainer.train_step``) on MiniLM in this process, 32 sentences, bf16:
+    the RSS after ``malloc_trim`` every ``block`` steps, after 3 untimed warm-up steps."""
     import torch
 
-    from hncse_dist.encoder import Encoder
     from hncse_dist.metrics import release_free_memory
 
+    cpu_only()
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    random.seed(0)
-    enc = Encoder.from_pretrained(MINILM, pooler="avg").train()
-    opt = torch.optim.AdamW(enc.parameters(), lr=1e-5)
-    lines = [line.strip() for line in open(WIKI_SAMPLE) if line.strip()]
-    start = 0.0
-    for i in range(-2, steps + 1):  # three warm-up steps, untimed
-        start = time.perf_counter() if i == 1 else start
-        sentences = random.sample(lines, 32)
-        batch = enc.tokenize(sentences + sentences, 32)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            z = torch.nn.functional.normalize(enc(batch["input_ids"], batch["attention_mask"]).float(), dim=-1)
-        loss = torch.nn.functional.cross_entropy(z[:32] @ z[32:].T / 0.05, torch.arange(32))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if i > 0 and i % block == 0:
-            release_free_memory()
-            print(f"step {i:4d}: RSS {rss_mb(os.getpid()):7.1f} MB, {(time.perf_counter() - start) / i:.2f} s/step",
-                  flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = bench_trainer(Path(tmp) / "run", model_name_or_path=MINILM, pooler="avg", batch_size=32,
+                                train_shards=shards_of(head(WIKI_SAMPLE, 30_000), Path(tmp) / "data"),
+                                max_seq_length=32, mixed_precision="bf16", objective="simcse")
+        groups, start = trainer._micro_batches(), 0.0
+        for i in range(-2, steps + 1):
+            start = time.perf_counter() if i == 1 else start
+            train_step(trainer, next(groups))
+            if i > 0 and i % block == 0:
+                release_free_memory()
+                print(f"step {i:4d}: RSS {rss_mb(os.getpid()):7.1f} MB, {(time.perf_counter() - start) / i:.2f} s/step",
+                      flush=True)
 
 
 def main() -> int:

@@ -1,13 +1,6 @@
-"""Peak memory per rank over a whole training run under DDP and DeepSpeed ZeRO-2 / ZeRO-3.
-
-The product's ``train()`` from start to end (accelerator, model load, prepare, HNCSE steps,
-one checkpoint, the final export) on CPU ranks (gloo) with a random BERT of a given shape
-and the packaged MiniLM vocabulary. Each rank records its peak RSS (VmHWM), the peak PSS of
-itself and its DataLoader workers (sampled), and VmHWM / VmRSS when each phase ends (the
-product's functions are wrapped, not copied). What the numbers mean: BENCHMARKS.md,
-"ZeRO memory per rank".
-
-    python bench/zero_memory.py --shape large --nproc 2 --variants ddp,zero2,zero3
+"""Peak memory per rank over a whole training run (the product's ``train()``) under DDP and DeepSpeed
+ZeRO-2 / ZeRO-3 on CPU ranks (gloo), the product's phases wrapped to read VmHWM / VmRSS as each ends.
+Method and results: BENCHMARKS.md, "ZeRO memory per rank".
 """
 
 from __future__ import annotations
@@ -30,8 +23,6 @@ CONFIGS = {"ddp": None, "zero1": "ds_configs/zero1.json", "zero2": "ds_configs/z
            "zero3": "ds_configs/zero3.json"}
 PHASES = ("accelerator", "load", "prepare", "steps", "checkpoint", "export")
 
-
-# ------------------------------------------------------------------------------ one rank
 
 
 def _mark_after(owner, name: str, phase: str, marks: dict) -> None:
@@ -77,8 +68,6 @@ def rank_main(args) -> None:
     sys.stdout.flush()
     os._exit(0)  # DeepSpeed's CPU communication threads may abort a normal interpreter teardown
 
-
-# ------------------------------------------------------------------------------ the launcher
 
 
 def run_variant(args, variant: str, model: str, corpus: Path, tmp: Path) -> dict:
@@ -136,16 +125,13 @@ def table(result: dict) -> str:
 
 
 def main() -> None:
-    p = common.parser(__doc__)
+    p = common.parser(__doc__, steps=2, batch_size=16, threads=1)
     p.add_argument("--shape", choices=SHAPES, default="large", help="large: bert-large, base: bert-base, small: 256x4")
     p.add_argument("--nproc", type=int, default=2, help="ranks")
     p.add_argument("--variants", default="ddp,zero2,zero3", help=f"comma-separated, of {list(CONFIGS)}")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
-    p.add_argument("--steps", type=int, default=2, help="HNCSE steps (the second one runs on ZeRO-3's recorded trace)")
-    p.add_argument("--batch-size", type=int, default=16, help="sentences per rank")
     p.add_argument("--max-length", type=int, default=32)
     p.add_argument("--num-workers", type=int, default=1)
-    p.add_argument("--threads", type=int, default=1, help="OMP threads per rank")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per variant")
     p.add_argument("--output", type=Path, help="JSON path (default bench/results/zero_memory_SHAPE_NPROC[_bf16].json)")
     p.add_argument("--rank-mode", action="store_true", help="internal: one rank of a run")
