@@ -75,7 +75,7 @@ def lr_factor(elapsed: float, budget: float) -> float:
     return max(0.0, (1.0 - frac) / (1.0 - WARMUP_FRACTION))
 
 
-def pretrain(args: argparse.Namespace) -> dict:
+def pretrain(args) -> dict:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, DataCollatorForLanguageModeling
 
