@@ -10,7 +10,7 @@ import statistics
 from pathlib import Path
 
 import common
-from common import REPO_ROOT, load_results, md_table
+from common import REPO_ROOT, load_results, md_table, write
 from quality import TASKS, prepare, train
 
 OBJECTIVES = ("simcse", "pm", "hnm", "hncse")
@@ -105,7 +105,7 @@ def main() -> None:
         r.get("test", {}).pop("details", None)
 
     def save() -> None:
-        path.write_text(json.dumps(results, indent=2) + "\n")
+        write(path, results, echo=False)
 
     results.setdefault("untrained", {})
     for pooler in ("cls_before_pooler", "avg"):
@@ -167,9 +167,7 @@ def main() -> None:
               for obj, key in (("pm", "pm/trigger_rate"), ("hncse", "pm/trigger_rate"),
                                ("hncse", "cos/positive"), ("hncse", "cos/hardest_negative")) if obj in first}
     svg_plot(series, path.with_name("ablation_pm.svg"), "PM trigger rate and cosines over training (MLM start)")
-    table = markdown(results)
-    path.with_suffix(".md").write_text(table)
-    print(table)
+    write(path, results, markdown(results))
 
 
 if __name__ == "__main__":

@@ -291,11 +291,12 @@ def md_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]) + "\n"
 
 
-def write(output: Path, result: dict, table: str | None = None) -> None:
-    """The JSON (and the Markdown table beside it); prints the table, else the JSON."""
+def write(output: Path, result: dict, table: str | None = None, echo: bool = True) -> None:
+    """The JSON (and the Markdown table beside it); prints the table, else the JSON (``echo``)."""
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(result, indent=2, default=str) + "\n"
     Path(output).write_text(text, encoding="utf-8")
     if table is not None:
         Path(output).with_suffix(".md").write_text(table, encoding="utf-8")
-    print(table if table is not None else text)
+    if echo:
+        print(table if table is not None else text)

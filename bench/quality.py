@@ -10,7 +10,7 @@ import statistics
 import time
 from pathlib import Path
 
-from common import RESULTS, REPO_ROOT, cli, corpus, data_root, load_results, md_table, need_file, parser
+from common import RESULTS, REPO_ROOT, cli, corpus, data_root, load_results, md_table, need_file, parser, write
 
 from hncse_dist.data.shards import write_shards
 
@@ -96,7 +96,7 @@ def main() -> None:
     runs, sweep = results.setdefault("runs", {}), results.setdefault("sweep", {})
 
     def save() -> None:
-        path.write_text(json.dumps(results, indent=2))
+        write(path, results, echo=False)
 
     if "untrained" not in runs:
         print("evaluating the untrained model", flush=True)
@@ -131,9 +131,7 @@ def main() -> None:
         runs[name] = {"objective": objective, "seed": seed, "overrides": opt, "best_stsb_dev": s["best_stsb_dev"],
                       "sentences_per_s": s["sentences_per_s"], "sts": sts_test(str(Path(s["dir"]) / "best"), None)}
         save()
-    table = markdown(results)
-    path.with_suffix(".md").write_text(table)
-    print(table)
+    write(path, results, markdown(results))
 
 
 if __name__ == "__main__":
