@@ -34,7 +34,9 @@ def evaluate(model: str, out: Path, tasks: str, threads: int, pooler: str | None
 
 
 def trace(run_dir: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    from hncse_dist.report import read_metrics
+
+    rows = read_metrics(run_dir / "metrics.jsonl")
     return [{"step": r["step"], **{k: r[k] for k in TRACE if k in r}} for r in rows if any(k in r for k in TRACE)]
 
 

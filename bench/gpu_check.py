@@ -83,7 +83,9 @@ def failed(proc) -> dict:
 
 
 def losses(out: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    from hncse_dist.report import read_metrics
+
+    return [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
 
 
 def check_fp16(model: str, tmp: Path) -> dict:

@@ -5,7 +5,6 @@ without ``hncse-dist``'s cache defaults. Method and results: BENCHMARKS.md, "Mem
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -20,10 +19,9 @@ from tests.fixtures import build_tiny_bert
 
 
 def last_step(metrics: Path) -> int:
-    if not metrics.is_file():
-        return 0
-    with open(metrics) as f:
-        return max([json.loads(line)["step"] for line in f if '"loss"' in line], default=0)
+    from hncse_dist.report import read_metrics  # skips a line torn by the running trainer
+
+    return max([r["step"] for r in read_metrics(metrics) if "loss" in r], default=0) if metrics.is_file() else 0
 
 
 def reset_peak(pid: int) -> None:

@@ -63,7 +63,7 @@ class RunResult:
         return f"{self.nodes} node{'s' if self.nodes != 1 else ''} x {per_node} {self.device or '?'}"
 
 
-def _read_metrics(path: Path) -> list[dict]:
+def read_metrics(path: Path) -> list[dict]:
     """metrics.jsonl rows; a torn last line (job killed mid-write) is skipped."""
     rows = []
     with path.open() as f:
@@ -117,7 +117,7 @@ def load_run(run_dir: str | os.PathLike, name: str | None = None) -> RunResult:
         raise ReportError(f"{summary_path}: not valid JSON ({exc})") from exc
     if not isinstance(summary, dict):
         raise ReportError(f"{summary_path}: expected a JSON object")
-    metrics = _read_metrics(metrics_path)
+    metrics = read_metrics(metrics_path)
     train_rows = [r for r in metrics if _number(r.get("loss")) is not None]
 
     # Per step keep the last value: a resumed run may log a step twice.
