@@ -36,8 +36,7 @@ def reset_peak(pid: int) -> None:
 def measure(args, out_dir: Path, model: str) -> dict:
     cmd = [sys.executable, "-m", "hncse_dist.cli", "train", f"model_name_or_path={model}", f"train_file={WIKI_SAMPLE}",
            f"output_dir={out_dir}", f"batch_size={args.batch_size}", f"max_steps={args.steps}", "log_every=10",
-           f"eval_every={args.eval_every}", f"save_every={args.save_every}", "keep_last=1",
-           f"mixed_precision={args.precision}", f"num_workers={args.num_workers}", "progress=false"]
+           "eval_every=500", "save_every=500", "keep_last=1", "mixed_precision=bf16", "num_workers=2", "progress=false"]
     samples: dict[int, dict] = {}
     start, partial = time.time(), False
     with open(out_dir.parent / "train.log", "w") as log:
@@ -58,7 +57,7 @@ def measure(args, out_dir: Path, model: str) -> dict:
                     print(f"step {step:5d}: trainer {main:8.1f} MB (window peak {row['window_peak_mb']:.0f}, anon "
                           f"{row['anon_mb']:.0f}, file {row['file_mb']:.0f}), workers {workers:8.1f} MB "
                           f"(PSS {workers_pss:.0f}), {row['elapsed_s']:.0f} s", flush=True)
-                time.sleep(args.poll)
+                time.sleep(0.5)
         except KeyboardInterrupt:  # stop early: the rows so far, marked partial
             partial = True
         finally:
@@ -104,11 +103,6 @@ def step_loop(steps: int, block: int = 5) -> None:
 def main() -> int:
     p = parser(__doc__, steps=2000, batch_size=64, threads=2)
     p.add_argument("--model", choices=("tiny", "minilm"), default="tiny")
-    p.add_argument("--precision", default="bf16", choices=("no", "bf16"))
-    p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--eval-every", type=int, default=500)
-    p.add_argument("--save-every", type=int, default=500)
-    p.add_argument("--poll", type=float, default=0.5)
     p.add_argument("--step-loop", type=int, default=0, metavar="STEPS", help="run STEPS MiniLM steps in this process")
     p.add_argument("--out", type=Path, default=None, help="JSON result (default bench/results/memory_long_MODEL.json)")
     args = p.parse_args()

@@ -14,6 +14,7 @@ from common import RESULTS, REPO_ROOT, cli, corpus, data_root, load_results, md_
 
 from hncse_dist.data.shards import write_shards
 
+MIN_GAIN = 0.2  # STS-B dev points (x100) a swept value must gain over the default to replace it
 TASKS = ["STS12", "STS13", "STS14", "STS15", "STS16", "STSBenchmark", "SICKRelatedness"]
 SWEEP = {  # factor -> candidate overrides (the first is the default)
     "pm_w": [{"pm_w1": 0.8, "pm_w2": 0.2}, {"pm_w1": 0.6, "pm_w2": 0.4}, {"pm_w1": 0.9, "pm_w2": 0.1}],
@@ -86,8 +87,6 @@ def main() -> None:
     ap = parser(__doc__, steps=250, eval_every=125, batch_size=64, seeds=3, precision="bf16", threads=None,
                 work=REPO_ROOT / "runs" / "quality", results=RESULTS / "quality.json")
     ap.add_argument("--sweep-steps", type=int, default=125)
-    ap.add_argument("--min-gain", type=float, default=0.2,
-                    help="STS-B dev points (x100) a swept value must gain over the default to replace it")
     ap.add_argument("--no-sweep", action="store_true", help="skip the sweep: HNCSE keeps the documented defaults")
     args = ap.parse_args()
     work, path, shards = prepare(args)
@@ -112,8 +111,8 @@ def main() -> None:
                 sweep[f"sweep-{factor}-{i}"] = {"factor": factor, "overrides": opt, "best_stsb_dev": s["best_stsb_dev"]}
                 save()
         scores = [sweep[f"sweep-{factor}-{i}"]["best_stsb_dev"] for i in range(len(options))]
-        # One seed per setting: a value replaces the default only if it beats it by > --min-gain.
-        best = max(range(len(options)), key=lambda i: (scores[i] - (0 if i == 0 else args.min_gain), i == 0))
+        # One seed per setting: a value replaces the default only if it beats it by > MIN_GAIN.
+        best = max(range(len(options)), key=lambda i: (scores[i] - (0 if i == 0 else MIN_GAIN), i == 0))
         tuned.update({k: v for k, v in options[best].items() if options[0].get(k) != v})
     results["tuned_hncse"] = tuned
     save()

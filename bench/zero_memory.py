@@ -24,7 +24,6 @@ CONFIGS = {"ddp": None, "zero1": "ds_configs/zero1.json", "zero2": "ds_configs/z
 PHASES = ("accelerator", "load", "prepare", "steps", "checkpoint", "export")
 
 
-
 def _mark_after(owner, name: str, phase: str, marks: dict) -> None:
     """Wrap ``owner.name`` (function, method or classmethod): when it returns, record VmHWM and
     VmRSS (MB) under ``phase`` (the last call wins: "steps" is after the last step)."""
@@ -67,7 +66,6 @@ def rank_main(args) -> None:
     Path(args.out, f"rank{rank}.json").write_text(json.dumps(record))
     sys.stdout.flush()
     os._exit(0)  # DeepSpeed's CPU communication threads may abort a normal interpreter teardown
-
 
 
 def run_variant(args, variant: str, model: str, corpus: Path, tmp: Path) -> dict:
