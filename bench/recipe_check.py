@@ -219,13 +219,14 @@ def markdown(res: dict) -> str:
                              for k in ("train_file", "train_shards") if (t := res["train"].get(k))]))
     if e := res.get("estimate"):
         mfus, top = e["mfu_assumed"], f"{e['mfu_assumed'][-1]:.0%}"
-        facts = {"stand-in corpus lines / MB / words per line (mean, median, p95)": (
+        facts = {"recipe": ", ".join(f"{k} {v}" for k, v in e["recipe"].items()),
+                 "stand-in corpus lines / MB / words per line (mean, median, p95)": (
                      f"{res['corpus']['want']['lines']:,} / {res['corpus']['bytes'] / MB:.0f} / "
                      f"{res['corpus']['words_mean']:.1f}, {res['corpus']['words_median']:.0f}, "
                      f"{res['corpus']['words_p95']}"),
                  "samples -> steps per epoch (1 process)": f"{e['samples']:,} -> {e['steps_per_epoch']:,}",
-                 "STS-B dev evaluations / checkpoints / log lines":
-                     f"{e['evaluations']} / {e['checkpoints']} / {e['log_lines']}",
+                 "STS-B dev evaluations (distinct sentences each) / checkpoints / log lines":
+                     f"{e['evaluations']} ({e['stsb_dev']['sentences']}) / {e['checkpoints']} / {e['log_lines']}",
                  "checkpoint MB (bert-base)": s(e.get("checkpoint_mb_bert_base")),
                  "real tokens per sentence / padded length / real share": (
                      f"{e['tokens']['real_per_sentence']:.1f} / {e['tokens']['padded_length_mean']:.1f} / "
@@ -234,8 +235,7 @@ def markdown(res: dict) -> str:
                      f"{e['bert_base']['parameters'] / 1e6:.1f} / {e['bert_base']['dense_parameters'] / 1e6:.1f}"),
                  "TFLOP per step / PFLOP per epoch / PFLOP of the evaluations": (
                      f"{e['flops_per_step'] / 1e12:.2f} / {e['flops_epoch'] / 1e15:.1f} / {e['flops_evals'] / 1e15:.2f}")}
-        out += [md_table(["recipe " + ", ".join(f"{k} {v}" for k, v in e["recipe"].items()), "value"],
-                         [[k, v] for k, v in facts.items()]),
+        out += [md_table(["quantity", "value"], [[k, v] for k, v in facts.items()]),
                 md_table(["GPU (dense fp16/bf16 peak, TFLOP/s)",
                           *(f"epoch min @ {m:.0%} MFU (train + eval)" for m in mfus),
                           f"step ms @ {top}", f"sentences/s to feed @ {top}"],
