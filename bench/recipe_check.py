@@ -143,13 +143,18 @@ def estimate(text: Path, samples: int, mfus: list[float], token_batches: int, by
     import torch
     from transformers import BertConfig, BertModel
 
+    from hncse_dist.checkpoint import Checkpointer
     from hncse_dist.encoder import Encoder
     from hncse_dist.eval.sts import load_pair_file
-    from hncse_dist.metrics import GPU_PEAKS, FlopsModel
-    from hncse_dist.train import PACKAGED_STSB_DEV
+    from hncse_dist.metrics import GPU_PEAKS, FlopsModel, MetricsWindow
+    from hncse_dist.train import PACKAGED_STSB_DEV, total_steps
 
     cfg, tok = recipe(), tokenizer()
-    steps = samples // cfg.batch_size // cfg.gradient_accumulation_steps * cfg.num_epochs  # 1 process
+    steps = total_steps(cfg, samples // cfg.batch_size)  # 1 process; the trainer's own cadences of it:
+    window = MetricsWindow(cfg.log_every, cfg.eval_every, steps)
+    saver = Checkpointer(Path(), None, save_every=cfg.save_every)
+    evals, saves, logs = (sum(map(due, range(1, steps + 1)))
+                          for due in (window.eval_due, lambda s: saver.due(s, steps), window.log_due))
     with torch.device("meta"):
         encoder = Encoder(BertModel(BertConfig(), add_pooling_layer=False), tok, "cls", True)
     fm, params = FlopsModel(encoder), sum(p.numel() for p in encoder.parameters())
@@ -163,8 +168,6 @@ def estimate(text: Path, samples: int, mfus: list[float], token_batches: int, by
                                          max_length=128)["input_ids"])
     batches = [lengths[i:i + cfg.eval_batch_size] for i in range(0, len(lengths), cfg.eval_batch_size)]
     dev_flops = sum(fm.step(sum(b), len(b), max(b)) / 3.0 for b in batches)  # forward only: 2x, not 6x
-    evals = steps // cfg.eval_every + (steps % cfg.eval_every != 0) if cfg.eval_every else 1
-    saves = (steps // cfg.save_every if cfg.save_every else 0) + (not cfg.save_every or steps % cfg.save_every != 0)
     train_flops, eval_flops = steps * flops_step, evals * dev_flops
     gpus = []
     for name, half, _ in GPU_PEAKS:
@@ -180,7 +183,7 @@ def estimate(text: Path, samples: int, mfus: list[float], token_batches: int, by
                 "batch_size", "max_seq_length", "num_epochs", "learning_rate", "warmup_steps", "eval_every",
                 "save_every", "log_every", "shuffle_buffer", "num_workers", "mixed_precision", "keep_last")},
             "samples": samples, "steps_per_epoch": steps, "evaluations": evals, "checkpoints": saves,
-            "log_lines": steps // cfg.log_every + (steps % cfg.log_every != 0),
+            "log_lines": logs,
             "bert_base": {"parameters": params, "dense_parameters": fm.dense_params, "layers": fm.layers,
                           "hidden": fm.hidden},
             "checkpoint_mb_bert_base": bytes_per_param * params / MB if bytes_per_param else None,
