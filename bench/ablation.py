@@ -24,10 +24,8 @@ PM_SWEEP = [{"pm_threshold": t} for t in (0.05, 0.2, 0.3)] + [
 def evaluate(model: str, out: Path, tasks: str, threads: int, pooler: str | None = None) -> dict:
     """``hncse-dist eval``'s per-task scores, with the STS and transfer averages of these tasks."""
     res = common.evaluate(model, out, tasks, threads, pooler)
-    scores = {k: v for k, v in res.get("sts", {}).items() if k in TASKS}
+    scores = {k: v for k, v in res.get("sts", {}).items() if k in (*TASKS, "avg")}
     scores.update({k: v for k, v in res.get("transfer", {}).items() if k in TRANSFER})  # not its own "avg"
-    if "sts" in res:
-        scores["avg"] = statistics.mean(scores[t] for t in TASKS)
     if "transfer" in res:
         scores["transfer_avg"] = statistics.mean(scores[t] for t in TRANSFER)
     return scores

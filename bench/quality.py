@@ -13,9 +13,10 @@ from pathlib import Path
 from common import RESULTS, REPO_ROOT, cli, corpus, data_root, load_results, md_table, need_file, parser, write
 
 from hncse_dist.data.shards import write_shards
+from hncse_dist.eval.sts import STS_TASKS
 
 MIN_GAIN = 0.2  # STS-B dev points (x100) a swept value must gain over the default to replace it
-TASKS = ["STS12", "STS13", "STS14", "STS15", "STS16", "STSBenchmark", "SICKRelatedness"]
+TASKS = list(STS_TASKS)
 SWEEP = {  # factor -> candidate overrides (the first is the default)
     "pm_w": [{"pm_w1": 0.8, "pm_w2": 0.2}, {"pm_w1": 0.6, "pm_w2": 0.4}, {"pm_w1": 0.9, "pm_w2": 0.1}],
     "hnm_km": [{"hnm_k": 10, "hnm_m": 40}, {"hnm_k": 5, "hnm_m": 20}, {"hnm_k": 20, "hnm_m": 80}],
