@@ -130,16 +130,6 @@ def train_step(trainer, group) -> float:
     return loss
 
 
-def loader_batch(tokenizer, sentences: list[str], max_length: int) -> dict:
-    """A batch as the data loader's workers build it (``Trainer.micro_batch`` takes it)."""
-    from hncse_dist.bank import sentence_keys
-
-    f = tokenizer(sentences, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
-    ids, mask = f["input_ids"].long(), f["attention_mask"].long()
-    return {"input_ids": ids, "attention_mask": mask, "sentence_keys": sentence_keys(ids, mask),
-            "tokens": int(mask.sum())}
-
-
 def sync(device) -> None:
     import torch
 

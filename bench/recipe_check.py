@@ -114,7 +114,7 @@ def check_stream(shard_dir: str, buffers: list[int], cfg) -> dict:
 
 
 def check_train(text: Path, shard_dir: str, work: Path, steps: int) -> dict:
-    from transformers import AutoModel
+    from hncse_dist.encoder import Encoder
 
     tiny = build_tiny_bert(work / "tiny-bert")
     marks = {"shards_ready": r"^train_file .* -> ", "fit_start": r"^world size", "first_step": r"^step 1/",
@@ -131,9 +131,7 @@ def check_train(text: Path, shard_dir: str, work: Path, steps: int) -> dict:
                      "implicit_shards_mb": dir_mb(run / "shards") if (run / "shards").exists() else 0.0,
                      "summary": {k: summary.get(k) for k in ("steps", "final_loss", "best_stsb_dev", "global_batch")}}
         print(f"train with {name}: {res['wall_s']:.1f} s", flush=True)
-    backbone = AutoModel.from_pretrained(tiny)
-    h = backbone.config.hidden_size  # + the cls pooler's MLP head
-    out["tiny_parameters"] = sum(p.numel() for p in backbone.parameters()) + h * h + h
+    out["tiny_parameters"] = sum(p.numel() for p in Encoder.from_pretrained(tiny, pooler="cls").parameters())  # + head
     return out
 
 

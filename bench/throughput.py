@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
-from common import (MINILM, bench_trainer, corpus, cpu_only, head, loader_batch, machine, md_table, median, need_file,
+from common import (MINILM, bench_trainer, corpus, cpu_only, head, machine, md_table, median, need_file,
                     paired, parser, random_bert, rounds, shards_of, sync, train_step, write)
 
+from hncse_dist.data.stream import tokenize_batch
 from hncse_dist.metrics import measure_cpu_peak, peak_flops
 from hncse_dist.objective import OBJECTIVES
 from hncse_dist.step import contrastive_step
@@ -109,10 +110,10 @@ def run_precision(prec: str, args, paths: dict, shards: str, sentences: list[str
         trainers = {o: bench_trainer(tmp / f"{m}-{prec}-{o}", objective=o, **base) for o in OBJECTIVES}
         padded = bench_trainer(tmp / f"{m}-{prec}-padded", objective="simcse", packed_forward=False, **base)
         first, tok = trainers["simcse"], trainers["simcse"].encoder.tokenizer
-        batch = loader_batch(tok, sentences[:BATCH], MAX_LENGTH)
+        batch = tokenize_batch(tok, sentences[:BATCH], MAX_LENGTH)
         with torch.no_grad():  # steady state: a full bank for the objectives that read one
             for i in range(1, BANK_BATCHES + 1):
-                bmb = first.micro_batch(loader_batch(tok, sentences[i * BATCH:(i + 1) * BATCH], MAX_LENGTH))
+                bmb = first.micro_batch(tokenize_batch(tok, sentences[i * BATCH:(i + 1) * BATCH], MAX_LENGTH))
                 for t in trainers.values():
                     t.negatives.push(first.model(bmb.ids, bmb.mask).float(), bmb.keys)
         for o, t in [*trainers.items(), ("simcse-padded", padded)]:

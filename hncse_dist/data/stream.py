@@ -180,24 +180,22 @@ class _EpochBatches(IterableDataset):
                 yield self._tokenize(samples[i * plan.batch_size : (i + 1) * plan.batch_size], index)
 
     def _tokenize(self, samples: list[tuple[str, str]], index: int) -> Batch:
-        encoded = self.tokenizer(
-            [text for _, text in samples],
-            padding="longest",
-            truncation=True,
-            max_length=self.plan.max_length,
-            return_tensors="pt",
-        )
-        ids, mask = encoded["input_ids"].long(), encoded["attention_mask"].long()
-        return {
-            "input_ids": ids,
-            "attention_mask": mask,
-            # Built here, in the loader's worker, so that the training step needs no host work:
-            # the bank's duplicate masking compares these token hashes, the metrics count tokens.
-            "sentence_keys": sentence_keys(ids, mask),
-            "tokens": int(mask.sum()),
-            "keys": [key for key, _ in samples],
-            "index": index,
-        }
+        return {**tokenize_batch(self.tokenizer, [text for _, text in samples], self.plan.max_length),
+                "keys": [key for key, _ in samples], "index": index}
+
+
+def tokenize_batch(tokenizer, texts: list[str], max_length: int) -> Batch:
+    """The tensors of a batch as the loader's workers build them (``Trainer.micro_batch`` takes them)."""
+    encoded = tokenizer(texts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+    ids, mask = encoded["input_ids"].long(), encoded["attention_mask"].long()
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        # Built here, in the loader's worker, so that the training step needs no host work:
+        # the bank's duplicate masking compares these token hashes, the metrics count tokens.
+        "sentence_keys": sentence_keys(ids, mask),
+        "tokens": int(mask.sum()),
+    }
 
 
 def _keep_as_is(batch: Batch) -> Batch:
