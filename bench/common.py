@@ -20,7 +20,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # the scripts run as files: python bench/NAME.py
 
 from hncse_dist.launcher import free_port  # noqa: E402,F401  (one home for free ports)
-from tests.fixtures import MINILM  # noqa: E402,F401  (the packaged all-MiniLM-L6-v2)
+from tests.fixtures import MINILM, build_tiny_bert  # noqa: E402,F401  (the packaged all-MiniLM-L6-v2)
 
 RESULTS = REPO_ROOT / "bench" / "results"
 WIKI_SAMPLE = REPO_ROOT / "hncse_dist" / "resources" / "wiki_sample.txt"  # packaged 30k sentences
@@ -86,18 +86,8 @@ def cpu_only(device: str = "cpu") -> None:
 
 
 def random_bert(out: Path, hidden: int, layers: int) -> str:
-    """A random BERT (seed 0, MiniLM's tokenizer, hidden/64 heads, FFN 4 x hidden, no pooler) saved to ``out``."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    if not (Path(out) / "config.json").is_file():
-        tok = AutoTokenizer.from_pretrained(MINILM)
-        torch.manual_seed(0)
-        BertModel(BertConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers,
-                             num_attention_heads=max(1, hidden // 64), intermediate_size=4 * hidden),
-                  add_pooling_layer=False).save_pretrained(out)
-        tok.save_pretrained(out)
-    return str(out)
+    """A random BERT (seed 0, MiniLM's tokenizer, hidden/64 heads, FFN 4 x hidden, 512 positions, no pooler)."""
+    return build_tiny_bert(out, hidden, layers, heads=max(1, hidden // 64), ffn=4 * hidden, positions=512)
 
 
 def shards_of(sentences: list[str], out: Path) -> str:

