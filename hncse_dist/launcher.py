@@ -33,14 +33,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM when the launcher dies (even by SIGKILL), so the
-    worker checkpoints and exits instead of training on as an orphan."""
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Have the kernel send ``sig`` to this process when its parent dies (even by SIGKILL).
+    The launcher's ranks get SIGTERM (they checkpoint and exit instead of training on as
+    orphans); DataLoader workers and their fork server get SIGKILL (they hold nothing to save)."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        libc.prctl(PR_SET_PDEATHSIG, sig)
     except OSError:  # not Linux: the process group still carries group signals
-        pass
+        return
+    if os.getppid() == 1:  # the parent died before the call took effect
+        os.kill(os.getpid(), sig)
 
 
 def worker_env(rank: int, nproc: int, port: int, base: dict | None = None) -> dict[str, str]:
@@ -76,7 +79,7 @@ def launch(nproc: int, argv: list[str], poll_s: float = 0.1) -> int:
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
     try:
         for rank in range(nproc):
-            workers.append(subprocess.Popen(cmd, env=worker_env(rank, nproc, port), preexec_fn=_die_with_parent))
+            workers.append(subprocess.Popen(cmd, env=worker_env(rank, nproc, port), preexec_fn=die_with_parent))
         return _wait(workers, poll_s)
     finally:
         for w in workers:  # never leave a worker behind, whatever happened here

@@ -25,6 +25,7 @@ exporter's (the library would add, for one, BERT's unused pooler).
 from __future__ import annotations
 
 import contextlib
+import gc
 import inspect
 import json
 import shutil
@@ -219,7 +220,11 @@ def save_with_library(out: Path, layout: list[StModule]) -> None:
         model = SentenceTransformer(str(out), **_load_kwargs(SentenceTransformer))
         with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-st-") as tmp:
             model.save(tmp, create_model_card=False)
+            # The loaded weights are views of the memory-mapped model.safetensors, and the
+            # library's modules hold reference cycles: without a collection here the mapping
+            # (the model's size, of a file the next export replaces) outlives every export.
             del model
+            gc.collect()
             saved = Path(tmp)
             entries = json.loads((saved / "modules.json").read_text())
             folders = {e["path"] for e in entries if e["path"]}

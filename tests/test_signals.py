@@ -40,6 +40,24 @@ def alive(pid):
         return False
 
 
+def descendants(pid):
+    """Every live process below ``pid`` (children, their children, ...)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(") ", 1)[1].split()[1])
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+    found, frontier = [], [pid]
+    while frontier:
+        kids = [p for p, parent in parents.items() if parent in frontier]
+        found += kids
+        frontier = kids
+    return found
+
+
 def wait_gone(pids, timeout):
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
@@ -149,6 +167,26 @@ def test_a_dead_rank_ends_the_job_with_its_code(tmp_path, tiny_bert, corpus):
     assert wait_gone(workers, 10) is not None
     print(f"job ended {took:.1f} s after rank 1 was killed")
     assert took < 30
+
+
+@pytest.mark.slow
+def test_dataloader_workers_die_with_their_rank(tmp_path, tiny_bert, corpus):
+    """kill -9 of a rank takes its DataLoader workers down too. They are children of the fork
+    server the rank started (not of the rank), and each holds the server's keep-alive pipe, so
+    before, the server and its workers waited forever once the rank was gone."""
+    out = tmp_path / "run"
+    proc = start(long_run(tiny_bert, corpus, out, num_workers=2), nproc=1)
+    wait_training(out, proc)
+    family = descendants(proc.pid)
+    assert len(family) >= 3, family  # the fork server and its 2 workers
+    proc.kill()
+    proc.wait(timeout=10)
+    took = wait_gone(family, 20)
+    for p in family:  # clean up before asserting
+        if alive(p):
+            os.kill(p, signal.SIGKILL)
+    assert took is not None, "the rank's DataLoader workers outlived it"
+    print(f"workers gone {took:.2f} s after the rank was killed")
 
 
 # cos / 1e-39 overflows float32: every loss is non-finite from the first step on (before, the

@@ -305,3 +305,20 @@ def test_a_zero3_run_loads_the_library_copy_whole(tmp_path, tiny_bert, monkeypat
         del registered
     version = json.loads((tmp_path / "out" / "config_sentence_transformers.json").read_text())["__version__"]
     assert version["sentence_transformers"] == sentence_transformers.__version__  # not the fallback
+
+
+def test_repeated_exports_keep_no_mapping_of_the_weights(models, tmp_path):
+    """Each export loads the folder with sentence-transformers to re-save its files; the loaded
+    weights are views of the memory-mapped model.safetensors. A run exports best/ at every
+    improving evaluation: a mapping left behind by each one (of a file since replaced) grew a
+    long run's memory by the model's size per export."""
+    enc = encoder(models, "bert", "avg")
+    out = tmp_path / "best"
+
+    def mappings() -> int:
+        with open("/proc/self/maps") as maps:
+            return sum(str(out / "model.safetensors") in line for line in maps)
+
+    for _ in range(3):
+        enc.save_pretrained(out)
+        assert mappings() == 0

@@ -202,6 +202,16 @@ def _keep_as_is(batch: Batch) -> Batch:
     return batch
 
 
+def _die_with_server(worker_id: int) -> None:
+    """In each DataLoader worker: SIGKILL when its parent (the fork server, or the rank under
+    plain fork) dies; see ``forkserver_guard``."""
+    import signal
+
+    from ..launcher import die_with_parent
+
+    die_with_parent(signal.SIGKILL)
+
+
 def _in_index_order(batches: Iterable[Batch], first: int) -> Iterator[Batch]:
     """Yield batches sorted by their ``index``, starting at ``first``.
 
@@ -470,6 +480,7 @@ class ShardStream:
             persistent_workers=False,
             pin_memory=self.pin_memory,  # page-locked batches: non-blocking copies to the GPU
             multiprocessing_context=self._worker_context(),
+            worker_init_fn=_die_with_server,
             # Its own generator: starting the workers draws their base seed from it, not from
             # torch's global RNG, whose state (dropout) must not depend on when an epoch's
             # loader starts -- a resumed run starts one mid-epoch.
@@ -483,7 +494,8 @@ class ShardStream:
 
         ctx = multiprocessing.get_context(self.worker_start)
         if self.worker_start == "forkserver":
-            ctx.set_forkserver_preload([__name__])  # the server imports torch once, not every worker
+            # The server imports torch once, not every worker; the guard ends it with the rank.
+            ctx.set_forkserver_preload([__name__, f"{__package__}.forkserver_guard"])
         return ctx
 
     def __iter__(self) -> Iterator[Batch]:
