@@ -55,6 +55,10 @@ def gold(task) -> np.ndarray:
     return np.concatenate([s.scores for s in task.subsets])
 
 
+def _sci(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1e}"
+
+
 def main() -> int:
     p = parser(__doc__, "eval_speed.json", model="all-MiniLM-L6-v2", threads=None)
     p.add_argument("--pooler", default="avg")
@@ -98,7 +102,7 @@ def main() -> int:
     scores = {name: run["scores"] for name, run in runs.items()}
     rows = ["| task | ours | naive | abs diff | diff, rounded cosines |", "|:--|--:|--:|--:|--:|"]
     rows += [f"| {t} | {scores['ours'][t]:.4f} | {scores['naive'][t]:.4f} | {diff['score'][t]:.1e} | "
-             f"{diff['rounded_score'].get(t, float('nan')):.1e} |" for t in [*STS_TASKS, "avg"]]
+             f"{_sci(diff['rounded_score'].get(t))} |" for t in [*STS_TASKS, "avg"]]
     rows += [f"| median {k} s | {np.median(seconds['ours'][k]):.1f} | {np.median(seconds['naive'][k]):.1f} | "
              f"speed-up {speedup[k]:.2f}x | |" for k in ("wall", "cpu")]
     write(args.output, {
