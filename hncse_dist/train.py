@@ -306,6 +306,7 @@ class Trainer:
         if any(t != "tensorboard" for t in trackers):
             acc.init_trackers(cfg.run_name or out_dir.name, config=hparams_of(asdict(cfg)))
         self.log = MetricsLog(out_dir, acc.is_main_process, trackers, acc)
+        self.bar = None  # fit's progress bar, on a terminal
         if acc.is_main_process:
             (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
         self.window = MetricsWindow(cfg.log_every, cfg.eval_every, self.steps)
@@ -475,7 +476,6 @@ class Trainer:
         if cfg.cache_chunk_size:
             acc.print(f"GradCache: each rank's {2 * cfg.batch_size} sequences are encoded in chunks of "
                       f"{cfg.cache_chunk_size}")
-        self.bar = None
         if cfg.progress and acc.is_main_process and sys.stderr.isatty():  # no bar spam in batch logs
             from tqdm.auto import tqdm
 
@@ -531,10 +531,14 @@ class Trainer:
                 "step": self.state.step, "best_stsb_dev": best if math.isfinite(best) else None,
                 "command": command_line()}
 
-    def close(self) -> None:
+    def close_outputs(self) -> None:
+        """The progress bar and the metrics (jsonl, TensorBoard) closed: what was logged is on disk."""
         if self.bar is not None:
             self.bar.close()
         self.log.close()
+
+    def close(self) -> None:
+        self.close_outputs()
         self.acc.wait_for_everyone()
         self.acc.end_training()
         if torch.distributed.is_initialized():
@@ -551,9 +555,7 @@ def train(cfg: TrainConfig) -> int:
     try:
         return trainer.fit()
     except BaseException:
-        if getattr(trainer, "bar", None) is not None:
-            trainer.bar.close()
-        trainer.log.close()
+        trainer.close_outputs()
         raise
 
 

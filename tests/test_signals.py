@@ -67,6 +67,18 @@ def wait_gone(pids, timeout):
     return None
 
 
+def kill_and_wait_gone(proc, pids, timeout):
+    """SIGKILL ``proc``; seconds until every one of ``pids`` is gone (None: some outlived
+    ``timeout``, and are then killed so that the test leaves nothing behind)."""
+    proc.kill()
+    proc.wait(timeout=10)
+    took = wait_gone(pids, timeout)
+    for p in pids:
+        if alive(p):
+            os.kill(p, signal.SIGKILL)
+    return took
+
+
 def steps_logged(out):
     path = out / "metrics.jsonl"
     if not path.is_file():
@@ -143,12 +155,7 @@ def test_group_sigint_like_ctrl_c_checkpoints_and_exits_130(tmp_path, tiny_bert,
 @pytest.mark.slow
 def test_sigkill_of_the_launcher_takes_the_workers_down(tmp_path, tiny_bert, corpus):
     out, proc, workers = training_launcher(tmp_path, tiny_bert, corpus)
-    proc.kill()
-    proc.wait(timeout=10)
-    took = wait_gone(workers, 60)
-    for w in workers:  # clean up before asserting
-        if alive(w):
-            os.kill(w, signal.SIGKILL)
+    took = kill_and_wait_gone(proc, workers, 60)
     assert took is not None, "workers kept training after the launcher was killed"
     # they got SIGTERM as the launcher died: the run is resumable, nothing lost
     assert len(complete_steps(out)) == 1
@@ -179,12 +186,7 @@ def test_dataloader_workers_die_with_their_rank(tmp_path, tiny_bert, corpus):
     wait_training(out, proc)
     family = descendants(proc.pid)
     assert len(family) >= 3, family  # the fork server and its 2 workers
-    proc.kill()
-    proc.wait(timeout=10)
-    took = wait_gone(family, 20)
-    for p in family:  # clean up before asserting
-        if alive(p):
-            os.kill(p, signal.SIGKILL)
+    took = kill_and_wait_gone(proc, family, 20)
     assert took is not None, "the rank's DataLoader workers outlived it"
     print(f"workers gone {took:.2f} s after the rank was killed")
 
