@@ -22,6 +22,9 @@ CHUNK_BATCHES, WARMUP_FRACTION, HOLDOUT, LOG_EVERY, POOLERS = 100, 0.05, 2000, 1
 def parse_args(argv=None):
     p = parser(__doc__, threads=0, batch_size=128, corpus=None)
     p.add_argument("--budget-min", type=float, default=75.0, help="wall-clock training budget in minutes")
+    p.add_argument("--steps", type=int, default=0,
+                   help="train exactly this many steps, the schedule in steps instead of wall-clock time "
+                        "(reproducible: the same model on any machine load; --budget-min is then ignored)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--max-length", type=int, default=64)
@@ -67,9 +70,9 @@ def masked_lm_loss(model, batch: dict):
     return loss, (logits.argmax(-1) == target).float().mean()
 
 
-def lr_factor(elapsed: float, budget: float) -> float:
-    """Warm-up over the first 5% of the wall-clock budget, then linear decay to 0 at its end."""
-    frac = elapsed / budget
+def lr_factor(done: float, total: float) -> float:
+    """Warm-up over the first 5% of the budget (seconds or steps), then linear decay to 0 at its end."""
+    frac = done / total
     if frac < WARMUP_FRACTION:
         return max(frac / WARMUP_FRACTION, 1e-3)
     return max(0.0, (1.0 - frac) / (1.0 - WARMUP_FRACTION))
@@ -104,10 +107,11 @@ def pretrain(args) -> dict:
     start = time.perf_counter()
     for epoch, ids in length_grouped_batches(train_lines, tok, args.batch_size, args.max_length, rng):
         elapsed = time.perf_counter() - start
-        if elapsed >= budget:
+        done, total = (step, args.steps) if args.steps else (elapsed, budget)
+        if done >= total:
             break
         for group in opt.param_groups:
-            group["lr"] = args.lr * lr_factor(elapsed, budget)
+            group["lr"] = args.lr * lr_factor(done, total)
         batch = collate([{"input_ids": x} for x in ids])
         with autocast:
             loss, acc = masked_lm_loss(model, batch)

@@ -58,6 +58,8 @@ def rank_main(args) -> None:
                  "progress=false", "objective=hncse", "bank_size=4", f"mixed_precision={args.precision}"]
     if CONFIGS[args.variant]:
         overrides.append(f"deepspeed={CONFIGS[args.variant]}")
+    if args.gradient_checkpointing:
+        overrides.append("gradient_checkpointing=true")
     with common.MemorySampler(os.getpid(), interval=0.2) as memory:
         code = trainer.train(load_config(None, overrides).validate())
     rank = int(os.environ["RANK"])
@@ -75,7 +77,8 @@ def run_variant(args, variant: str, model: str, corpus: Path, tmp: Path) -> dict
            "--master_addr", "127.0.0.1", "--master_port", str(common.free_port()), __file__, "--rank-mode",
            "--variant", variant, "--model", model, "--corpus", str(corpus), "--out", str(out),
            *(f"--{k.replace('_', '-')}={getattr(args, k)}"
-             for k in ("precision", "steps", "batch_size", "max_length", "num_workers"))]
+             for k in ("precision", "steps", "batch_size", "max_length", "num_workers")),
+           *(["--gradient-checkpointing"] if args.gradient_checkpointing else [])]
     start = time.perf_counter()
     # Own session, output to a file: what outlives the launcher (a killed rank's DataLoader fork
     # server) neither holds a pipe open nor survives the run.
@@ -130,6 +133,7 @@ def main() -> None:
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--max-length", type=int, default=32)
     p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--gradient-checkpointing", action="store_true", help="gradient_checkpointing=true in every run")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per variant")
     p.add_argument("--output", type=Path, help="JSON path (default bench/results/zero_memory_SHAPE_NPROC[_bf16].json)")
     p.add_argument("--rank-mode", action="store_true", help="internal: one rank of a run")
@@ -142,13 +146,14 @@ def main() -> None:
     if unknown:
         p.error(f"unknown variants {unknown}")
     common.cpu_only()
-    suffix = "" if args.precision == "fp32" else f"_{args.precision}"
+    suffix = ("" if args.precision == "fp32" else f"_{args.precision}") + ("_gc" if args.gradient_checkpointing else "")
     output = args.output or common.RESULTS / f"zero_memory_{args.shape}_{args.nproc}{suffix}.json"
     hidden, layers = SHAPES[args.shape]
     result = {"command": "python bench/zero_memory.py " + " ".join(sys.argv[1:]), "machine": common.machine(),
               "shape": args.shape, "hidden": hidden, "layers": layers, "nproc": args.nproc,
               "precision": args.precision, "steps": args.steps, "batch_size": args.batch_size,
-              "max_length": args.max_length, "num_workers": args.num_workers, "units": "MB = 1e6 bytes", "runs": []}
+              "max_length": args.max_length, "num_workers": args.num_workers,
+              "gradient_checkpointing": args.gradient_checkpointing, "units": "MB = 1e6 bytes", "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         model = common.random_bert(Path(tmp) / "model", hidden, layers)
         result["parameters"] = parameters(model)
