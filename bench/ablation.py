@@ -95,7 +95,10 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--sweep-seeds", type=int, default=2, help="seeds per PM sweep setting (0: no sweep)")
     ap.add_argument("--transfer-seeds", type=int, default=1, help="seeds whose checkpoints also run SentEval transfer")
+    ap.add_argument("--objectives", default=",".join(OBJECTIVES), help="comma-separated, of " + ",".join(OBJECTIVES))
     args = ap.parse_args()
+    if set(args.objectives.split(",")) - set(OBJECTIVES):
+        ap.error(f"--objectives: unknown {sorted(set(args.objectives.split(',')) - set(OBJECTIVES))}")
     common.need_file(Path(args.model) / "config.json", "build the start with: python bench/pretrain_mlm.py")
     work, path, shards = prepare(args)
     results = load_results(path)
@@ -127,7 +130,7 @@ def main() -> None:
         return rec
 
     for seed in range(args.seeds):
-        for obj in OBJECTIVES:
+        for obj in args.objectives.split(","):
             name = f"{obj}-seed{seed}"
             if name not in runs:
                 runs[name] = one(name, {"objective": obj, "seed": seed}, test="sts")

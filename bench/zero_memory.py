@@ -21,7 +21,7 @@ import common  # noqa: E402  (puts the repository on sys.path)
 SHAPES = {"large": (1024, 24), "base": (768, 12), "small": (256, 4)}  # hidden, layers
 CONFIGS = {"ddp": None, "zero1": "ds_configs/zero1.json", "zero2": "ds_configs/zero2.json",
            "zero3": "ds_configs/zero3.json"}
-PHASES = ("accelerator", "load", "prepare", "steps", "checkpoint", "export")
+PHASES = ("accelerator", "load", "prepare", "forward", "backward", "update", "steps", "checkpoint", "export")
 
 
 def _mark_after(owner, name: str, phase: str, marks: dict) -> None:
@@ -40,6 +40,7 @@ def _mark_after(owner, name: str, phase: str, marks: dict) -> None:
 
 def rank_main(args) -> None:
     import accelerate
+    import torch
 
     import hncse_dist.train as trainer
     from hncse_dist.checkpoint import Checkpointer
@@ -49,9 +50,16 @@ def rank_main(args) -> None:
     marks: dict = {}
     for owner, name, phase in ((trainer, "make_accelerator", "accelerator"), (Encoder, "from_pretrained", "load"),
                                (accelerate.Accelerator, "prepare", "prepare"),
+                               # inside the last step: its loss, its backward, its optimizer update
+                               (trainer.Trainer, "_loss", "forward"), (torch.Tensor, "backward", "backward"),
+                               (accelerate.optimizer.AcceleratedOptimizer, "step", "update"),
                                (trainer, "maybe_eval", "steps"),  # after every step, before its checkpoint
                                (Checkpointer, "save", "checkpoint"), (trainer, "export", "export")):
         _mark_after(owner, name, phase, marks)
+    if CONFIGS[args.variant]:  # DeepSpeed's update runs in its engine, called by Accelerator.backward
+        from deepspeed.runtime.engine import DeepSpeedEngine
+
+        _mark_after(DeepSpeedEngine, "step", "update", marks)
     overrides = [f"model_name_or_path={args.model}", f"train_file={args.corpus}", f"output_dir={args.out}/run",
                  f"batch_size={args.batch_size}", f"max_seq_length={args.max_length}", f"max_steps={args.steps}",
                  "log_every=1", "eval_file=null", "save_every=0", f"num_workers={args.num_workers}",

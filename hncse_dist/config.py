@@ -80,6 +80,10 @@ class TrainConfig(ObjectiveConfig):
     max_seq_length: int = 32
     batch_size: int = 64  # per process; the global batch is batch_size * world size
     num_workers: int = 2
+    # Host allocations of at least this many MiB get their own memory mapping, returned to the OS
+    # when freed (glibc's mmap threshold, fixed; hncse_dist/hostmem.py): without it the threshold
+    # rises during the first step and freed step buffers stay in the process. 0: glibc's default.
+    malloc_mmap_threshold_mb: float = 1.0
     shuffle_buffer: int = 1000
     # optimisation
     learning_rate: float = 3e-5
@@ -405,6 +409,7 @@ RANGES: dict[str, Range] = {
     "max_seq_length": Range(1, note="at most the model's position limit"),
     "batch_size": Range(1, note="per process"),
     "num_workers": Range(0, note="0: load data in the training process"),
+    "malloc_mmap_threshold_mb": Range(0, 32, integer=False, note="0: glibc's default"),
     "shuffle_buffer": Range(0),
     "learning_rate": Range(0, 1, lo_open=True, integer=False),
     "weight_decay": Range(0, 1, integer=False),

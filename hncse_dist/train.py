@@ -23,6 +23,7 @@ from .checkpoint import Checkpointer
 from .config import ConfigError, TrainConfig, check_eval_file, startup_checks
 from .encoder import Encoder, ModelSetupError, require_dropout
 from .gather import all_ranks_agree, any_rank
+from .hostmem import set_mmap_threshold
 from .launch_env import setup_launch_env
 from .lora import LoraSettings
 from .metrics import (STSB_DEV_KEY, FlopsModel, MetricsLog, MetricsWindow, hparams_of, memory_gb, parse_report_to,
@@ -256,6 +257,7 @@ class Trainer:
         from transformers import get_linear_schedule_with_warmup
 
         self.cfg = cfg.validate()
+        set_mmap_threshold(cfg.malloc_mmap_threshold_mb)  # before anything large is allocated
         adopted = adopt_launcher_deepspeed(cfg)  # accelerate launch --config_file with DeepSpeed
         if adopted:
             cfg.validate()

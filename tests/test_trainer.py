@@ -8,6 +8,8 @@ import signal
 
 import pytest
 import torch
+
+import hncse_dist.train
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hncse_dist.bank import NegativeBank
@@ -171,3 +173,11 @@ def test_one_ctrl_c_delivered_twice_is_one_press(monkeypatch):
     finally:
         for s, handler in saved.items():
             signal.signal(s, handler)
+
+
+def test_the_trainer_sets_the_configured_malloc_threshold(make_trainer, monkeypatch):
+    calls = []
+    monkeypatch.setattr(hncse_dist.train, "set_mmap_threshold", lambda mb: calls.append(mb))
+    make_trainer(malloc_mmap_threshold_mb=2.5)
+    make_trainer(malloc_mmap_threshold_mb=0)
+    assert calls == [2.5, 0]
