@@ -63,7 +63,8 @@ def rank_main(args) -> None:
     overrides = [f"model_name_or_path={args.model}", f"train_file={args.corpus}", f"output_dir={args.out}/run",
                  f"batch_size={args.batch_size}", f"max_seq_length={args.max_length}", f"max_steps={args.steps}",
                  "log_every=1", "eval_file=null", "save_every=0", f"num_workers={args.num_workers}",
-                 "progress=false", "objective=hncse", "bank_size=4", f"mixed_precision={args.precision}"]
+                 "progress=false", "objective=hncse", "bank_size=4", f"mixed_precision={args.precision}",
+                 f"malloc_mmap_threshold_mb={args.malloc_mmap_threshold_mb}"]
     if CONFIGS[args.variant]:
         overrides.append(f"deepspeed={CONFIGS[args.variant]}")
     if args.gradient_checkpointing:
@@ -85,7 +86,7 @@ def run_variant(args, variant: str, model: str, corpus: Path, tmp: Path) -> dict
            "--master_addr", "127.0.0.1", "--master_port", str(common.free_port()), __file__, "--rank-mode",
            "--variant", variant, "--model", model, "--corpus", str(corpus), "--out", str(out),
            *(f"--{k.replace('_', '-')}={getattr(args, k)}"
-             for k in ("precision", "steps", "batch_size", "max_length", "num_workers")),
+             for k in ("precision", "steps", "batch_size", "max_length", "num_workers", "malloc_mmap_threshold_mb")),
            *(["--gradient-checkpointing"] if args.gradient_checkpointing else [])]
     start = time.perf_counter()
     # Own session, output to a file: what outlives the launcher (a killed rank's DataLoader fork
@@ -141,6 +142,8 @@ def main() -> None:
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--max-length", type=int, default=32)
     p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--malloc-mmap-threshold-mb", type=float, default=1.0,
+                   help="the product's malloc_mmap_threshold_mb in every variant alike (0: glibc's default)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="gradient_checkpointing=true in every run")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per variant")
     p.add_argument("--output", type=Path, help="JSON path (default bench/results/zero_memory_SHAPE_NPROC[_bf16].json)")
@@ -161,7 +164,8 @@ def main() -> None:
               "shape": args.shape, "hidden": hidden, "layers": layers, "nproc": args.nproc,
               "precision": args.precision, "steps": args.steps, "batch_size": args.batch_size,
               "max_length": args.max_length, "num_workers": args.num_workers,
-              "gradient_checkpointing": args.gradient_checkpointing, "units": "MB = 1e6 bytes", "runs": []}
+              "gradient_checkpointing": args.gradient_checkpointing,
+              "malloc_mmap_threshold_mb": args.malloc_mmap_threshold_mb, "units": "MB = 1e6 bytes", "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         model = common.random_bert(Path(tmp) / "model", hidden, layers)
         result["parameters"] = parameters(model)

@@ -82,8 +82,10 @@ class TrainConfig(ObjectiveConfig):
     num_workers: int = 2
     # Host allocations of at least this many MiB get their own memory mapping, returned to the OS
     # when freed (glibc's mmap threshold, fixed; hncse_dist/hostmem.py): without it the threshold
-    # rises during the first step and freed step buffers stay in the process. 0: glibc's default.
-    malloc_mmap_threshold_mb: float = 1.0
+    # rises during the first step and freed step buffers stay in the process. Costs system time on
+    # CPU training (each large buffer freshly mapped). null = auto: 1 under DeepSpeed (runs chosen
+    # for memory per rank), glibc's default otherwise; 0: glibc's default.
+    malloc_mmap_threshold_mb: float | None = None
     shuffle_buffer: int = 1000
     # optimisation
     learning_rate: float = 3e-5
@@ -409,7 +411,8 @@ RANGES: dict[str, Range] = {
     "max_seq_length": Range(1, note="at most the model's position limit"),
     "batch_size": Range(1, note="per process"),
     "num_workers": Range(0, note="0: load data in the training process"),
-    "malloc_mmap_threshold_mb": Range(0, 32, integer=False, note="0: glibc's default"),
+    "malloc_mmap_threshold_mb": Range(0, 32, integer=False, null="auto: 1 under DeepSpeed, else glibc's default",
+                                      note="0: glibc's default"),
     "shuffle_buffer": Range(0),
     "learning_rate": Range(0, 1, lo_open=True, integer=False),
     "weight_decay": Range(0, 1, integer=False),

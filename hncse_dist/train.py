@@ -257,10 +257,10 @@ class Trainer:
         from transformers import get_linear_schedule_with_warmup
 
         self.cfg = cfg.validate()
-        set_mmap_threshold(cfg.malloc_mmap_threshold_mb)  # before anything large is allocated
         adopted = adopt_launcher_deepspeed(cfg)  # accelerate launch --config_file with DeepSpeed
         if adopted:
             cfg.validate()
+        set_mmap_threshold(malloc_threshold_mb(cfg))  # before anything large is allocated
         setup_launch_env()  # srun-native launch: RANK/WORLD_SIZE/... from SLURM_* (hncse_dist/launch_env.py)
         startup_checks(cfg)  # the model's config and the machine, before any weights load
         self.preempt = PreemptionFlag()
@@ -547,6 +547,13 @@ class Trainer:
             torch.distributed.destroy_process_group()
         if self.run_lock is not None:
             self.run_lock.release()
+
+
+def malloc_threshold_mb(cfg: TrainConfig) -> float:
+    """``malloc_mmap_threshold_mb``, its auto value resolved: 1 MiB under DeepSpeed, else 0."""
+    if cfg.malloc_mmap_threshold_mb is not None:
+        return cfg.malloc_mmap_threshold_mb
+    return 1.0 if cfg.deepspeed else 0.0
 
 
 def train(cfg: TrainConfig) -> int:

@@ -72,7 +72,9 @@ RANGE_CASES = {
     "max_seq_length": (["0", "-32"], ["1", "128"], "an integer >= 1 (at most the model's position limit)"),
     "batch_size": (["0", "-8"], ["1"], "an integer >= 1 (per process)"),
     "num_workers": (["-1"], ["0", "4"], "an integer >= 0 (0: load data in the training process)"),
-    "malloc_mmap_threshold_mb": (["-1", "33", "nan"], ["0", "0.5", "32"], "a number in [0, 32] (0: glibc's default)"),
+    "malloc_mmap_threshold_mb": (["-1", "33", "nan"], ["0", "0.5", "32", "null"],
+                                 "a number in [0, 32], or null for auto: 1 under DeepSpeed, else glibc's default "
+                                 "(0: glibc's default)"),
     "shuffle_buffer": (["-1"], ["0", "100000"], "an integer >= 0"),
     "learning_rate": (["0", "-3e-5", "3e5", "nan", "inf"], ["1e-9", "1"], "a number in (0, 1]"),
     "weight_decay": (["-0.01", "1.5", "nan"], ["0", "1"], "a number in [0, 1]"),

@@ -180,4 +180,6 @@ def test_the_trainer_sets_the_configured_malloc_threshold(make_trainer, monkeypa
     monkeypatch.setattr(hncse_dist.train, "set_mmap_threshold", lambda mb: calls.append(mb))
     make_trainer(malloc_mmap_threshold_mb=2.5)
     make_trainer(malloc_mmap_threshold_mb=0)
-    assert calls == [2.5, 0]
+    make_trainer()  # auto, without DeepSpeed: glibc's default
+    assert calls == [2.5, 0, 0]
+    assert hncse_dist.train.malloc_threshold_mb(TrainConfig(deepspeed="ds_configs/zero3.json")) == 1.0
