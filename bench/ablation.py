@@ -95,8 +95,14 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--sweep-seeds", type=int, default=2, help="seeds per PM sweep setting (0: no sweep)")
     ap.add_argument("--transfer-seeds", type=int, default=1, help="seeds whose checkpoints also run SentEval transfer")
+    ap.add_argument("--sweep", default=None,
+                    help='only these PM sweep settings, ";"-separated, e.g. "pm_threshold=0.3;pm_w1=0.9,pm_w2=0.1"')
     ap.add_argument("--objectives", default=",".join(OBJECTIVES), help="comma-separated, of " + ",".join(OBJECTIVES))
     args = ap.parse_args()
+    settings = PM_SWEEP if args.sweep is None else [
+        {k: float(v) for k, v in (kv.split("=") for kv in group.split(","))} for group in args.sweep.split(";")]
+    if any(opt not in PM_SWEEP for opt in settings):
+        ap.error(f"--sweep: use settings of {PM_SWEEP}")
     if set(args.objectives.split(",")) - set(OBJECTIVES):
         ap.error(f"--objectives: unknown {sorted(set(args.objectives.split(',')) - set(OBJECTIVES))}")
     common.need_file(Path(args.model) / "config.json", "build the start with: python bench/pretrain_mlm.py")
@@ -136,7 +142,7 @@ def main() -> None:
                 runs[name] = one(name, {"objective": obj, "seed": seed}, test="sts")
                 save()
     def sweep_pass(seed: int) -> None:
-        for opt in PM_SWEEP:
+        for opt in settings:
             entry = sweep.setdefault(json.dumps(opt, sort_keys=True), {"overrides": opt, "dev": [], "trigger": []})
             if len(entry["dev"]) == seed:
                 rec = one(f"sweep-{'-'.join(f'{k}{v}' for k, v in opt.items())}-seed{seed}",
