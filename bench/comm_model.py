@@ -1,8 +1,5 @@
 """Analytic communication / bank cost model of the product's data-parallel HNCSE step (no GPU
-needed). The model, its assumptions and the results: BENCHMARKS.md.
-
-    python bench/comm_model.py    # -> bench/results/comm_model.json and comm_model.md
-"""
+needed). Command, the model, its assumptions and the results: BENCHMARKS.md."""
 
 from __future__ import annotations
 

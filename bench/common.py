@@ -166,8 +166,7 @@ def proc_mb(pid: int, key: str = "VmRSS", file: str = "status") -> float | None:
         return None
 
 
-def rss_mb(pid: int) -> float | None:
-    return proc_mb(pid)
+rss_mb = proc_mb  # rss_mb(pid): VmRSS in MB
 
 
 def descendants(pid: int) -> list[int]:

@@ -1,9 +1,6 @@
 """Data pipeline throughput (ShardStream, plain and gzip shards, sha256 verification, memory of a
-large shard) against what the product's training step consumes. Method and results: BENCHMARKS.md.
-
-    python bench/data_throughput.py            # -> bench/results/data_throughput.json
-    python bench/data_throughput.py --sources  # local tar, .tar.gz, loopback HTTP, pipe:cat -> data_sources.json
-"""
+large shard; ``--sources``: local, gzip, HTTP, pipe) against what the product's training step
+consumes. Commands, method and results: BENCHMARKS.md."""
 
 from __future__ import annotations
 

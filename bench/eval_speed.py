@@ -55,10 +55,6 @@ def gold(task) -> np.ndarray:
     return np.concatenate([s.scores for s in task.subsets])
 
 
-def _sci(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1e}"
-
-
 def main() -> int:
     p = parser(__doc__, "eval_speed.json", model="all-MiniLM-L6-v2", threads=None)
     p.add_argument("--pooler", default="avg")
@@ -100,9 +96,10 @@ def main() -> int:
     ratios = {k: [n / o for n, o in zip(seconds["naive"][k], seconds["ours"][k])] for k in ("wall", "cpu")}
     speedup = {k: float(np.median(r)) for k, r in ratios.items()}
     scores = {name: run["scores"] for name, run in runs.items()}
+    rounded_diff = {t: f"{v:.1e}" for t, v in diff["rounded_score"].items()}  # none for avg
     rows = ["| task | ours | naive | abs diff | diff, rounded cosines |", "|:--|--:|--:|--:|--:|"]
     rows += [f"| {t} | {scores['ours'][t]:.4f} | {scores['naive'][t]:.4f} | {diff['score'][t]:.1e} | "
-             f"{_sci(diff['rounded_score'].get(t))} |" for t in [*STS_TASKS, "avg"]]
+             f"{rounded_diff.get(t, '-')} |" for t in [*STS_TASKS, "avg"]]
     rows += [f"| median {k} s | {np.median(seconds['ours'][k]):.1f} | {np.median(seconds['naive'][k]):.1f} | "
              f"speed-up {speedup[k]:.2f}x | |" for k in ("wall", "cpu")]
     write(args.output, {

@@ -1,9 +1,5 @@
 """GradCache (``cache_chunk_size``): peak memory and step time of the product's step against the
-batch size. Method and results: BENCHMARKS.md.
-
-    python bench/gradcache.py --rounds 4     # --batches 16,64,128,256 --chunk 64 --hidden 256 --layers 4
-    python bench/gradcache.py --worker time --batch 256 --chunk 64 --rounds 4   # one point, printed
-"""
+batch size. Commands, method and results: BENCHMARKS.md."""
 
 from __future__ import annotations
 
@@ -18,30 +14,24 @@ from common import (bench_trainer, cpu_only, machine, md_table, median, paired, 
                     rss_mb, shards_of, train_step, write)
 
 
-def trainers(args, tmp: Path, chunks: tuple[int, ...]) -> dict:
-    """The product's Trainer per chunk size (0: uncached): HNCSE (HNM k=10, m=40, no bank), fp32,
-    on the packaged STS-B dev sentences."""
-    from hncse_dist.eval.sts import load_pair_file
-    from hncse_dist.train import PACKAGED_STSB_DEV
-
-    dev = load_pair_file(PACKAGED_STSB_DEV)
-    shards = shards_of(list(dict.fromkeys(dev.sent1 + dev.sent2)), tmp / "data")
-    model = args.model or random_bert(tmp / "model", args.hidden, args.layers)
-    return {c: bench_trainer(tmp / f"run-{c}", model_name_or_path=model, train_shards=shards, batch_size=args.batch,
-                             max_seq_length=32, objective="hncse", hnm_k=10, hnm_m=40, bank_size=0,
-                             cache_chunk_size=c, peak_flops=1.0) for c in chunks}
-
-
 def worker(args) -> dict:
+    """One point: the product's Trainer per chunk size (0: uncached), HNCSE (HNM k=10, m=40, no
+    bank), fp32, on the packaged STS-B dev sentences."""
     import torch
 
+    from hncse_dist.eval.sts import load_pair_file
     from hncse_dist.metrics import memory_gb
+    from hncse_dist.train import PACKAGED_STSB_DEV
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as name:
-        tmp = Path(name)
+        dev, tmp = load_pair_file(PACKAGED_STSB_DEV), Path(name)
+        shards = shards_of(list(dict.fromkeys(dev.sent1 + dev.sent2)), tmp / "data")
+        model = args.model or random_bert(tmp / "model", args.hidden, args.layers)
         chunks = (args.chunk,) if args.worker == "memory" else (0, args.chunk)
-        made = trainers(args, tmp, chunks)
+        made = {c: bench_trainer(tmp / f"run-{c}", model_name_or_path=model, train_shards=shards, batch_size=args.batch,
+                                 max_seq_length=32, objective="hncse", hnm_k=10, hnm_m=40, bank_size=0,
+                                 cache_chunk_size=c) for c in chunks}
         groups = {c: list(itertools.islice(t._micro_batches(), 2 if args.worker == "memory" else args.rounds + 1))
                   for c, t in made.items()}
         if args.worker == "memory":  # two steps (AdamW's state is created in the first) in a fresh process

@@ -1,7 +1,6 @@
 """HNCSE vs SimCSE (and PM, HNM alone) from the packaged all-MiniLM-L6-v2 on the STS suite, after a
-one-factor sweep of HNCSE's options; finished runs are skipped on a rerun. Protocol and results:
-BENCHMARKS.md, "Quality: HNCSE vs SimCSE" (smoke: ``--steps 20 --sweep-steps 10 --seeds 1``).
-"""
+one-factor sweep of HNCSE's options; finished runs are skipped on a rerun. Commands (smoke run too),
+protocol and results: BENCHMARKS.md, "Quality: HNCSE vs SimCSE"."""
 
 from __future__ import annotations
 

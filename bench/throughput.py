@@ -1,12 +1,8 @@
 """Training-step throughput: the product's step (``Trainer.train_step``) for each objective against
-sentence-transformers' MNRL step, and MFU. Variants, method and results: BENCHMARKS.md.
-
-    python bench/throughput.py --steps 12 --warmup 2 --precision both --models minilm,tiny --threads 2 --profile
-"""
+sentence-transformers' MNRL step, and MFU. Command, variants, method and results: BENCHMARKS.md."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -50,9 +46,8 @@ def st_step(path: str, sentences: list[str], ids: torch.Tensor, device: torch.de
     opt = torch.optim.AdamW(model.parameters(), lr=LR, fused=True)
 
     def step() -> float:
-        with (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
-              else contextlib.nullcontext()):  # fresh dicts: the modules write their outputs into them
-            loss = loss_fn(sentence_features=[dict(feats), dict(feats)], labels=None)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = loss_fn(sentence_features=[dict(feats), dict(feats)], labels=None)  # fresh dicts: written into
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -132,7 +127,7 @@ def run_precision(prec: str, args, paths: dict, shards: str, sentences: list[str
     times, losses = rounds(steps, args.warmup, args.steps,
                            after_round=lambda timed: timed and peaks.append(fixed or measure_cpu_peak(dtype, 2048)))
     for name, step_s in times.items():
-        m, variant = name.split("/")[0], name.split("/")[2]
+        m, _, variant = name.split("/")
         kind = "st" if variant == "st-mnrl" else "ablation" if variant.endswith("-padded") else "hncse"
         result["raw"][name] = {"model": m, "precision": prec, "kind": kind, "step_s": step_s, "losses": losses[name],
                                "objective": variant.removeprefix("hncse-") if kind == "hncse" else "simcse",
@@ -140,9 +135,8 @@ def run_precision(prec: str, args, paths: dict, shards: str, sentences: list[str
     for m, (trainers, mb) in made.items():
         if m not in result["micro"]:  # once per model
             result["micro"][m] = micro(trainers, mb, args.micro_reps)
-    if not args.profile:
-        return ""
-    return profile({n: steps[n] for n in (f"{m}/{prec}/{v}" for m in args.models for v in PROFILED)})
+    names = [f"{m}/{prec}/{v}" for m in args.models for v in PROFILED]
+    return profile({n: steps[n] for n in names}) if args.profile else ""
 
 
 def summarize(result: dict) -> dict:
