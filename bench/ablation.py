@@ -175,7 +175,7 @@ def main() -> None:
     series = {f"{obj} seed0 {key}": [(p["step"], p[key]) for p in first[obj] if key in p]
               for obj, key in (("pm", "pm/trigger_rate"), ("hncse", "pm/trigger_rate"),
                                ("hncse", "cos/positive"), ("hncse", "cos/hardest_negative")) if obj in first}
-    svg_plot(series, path.with_name("ablation_pm.svg"), "PM trigger rate and cosines over training (MLM start)")
+    svg_plot(series, path.with_name(path.stem + "_pm.svg"), "PM trigger rate and cosines over training (MLM start)")
     write(path, results, markdown(results))
 
 
