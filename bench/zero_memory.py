@@ -21,18 +21,21 @@ import common  # noqa: E402  (puts the repository on sys.path)
 SHAPES = {"large": (1024, 24), "base": (768, 12), "small": (256, 4)}  # hidden, layers
 CONFIGS = {"ddp": None, "zero1": "ds_configs/zero1.json", "zero2": "ds_configs/zero2.json",
            "zero3": "ds_configs/zero3.json"}
-PHASES = ("accelerator", "load", "prepare", "forward", "backward", "update", "steps", "checkpoint", "export")
+PHASES = ("accelerator", "load", "prepare", "forward", "backward", "update", "steps", "checkpoint",
+          "export gather", "export write", "export st re-save", "export")
 
 
-def _mark_after(owner, name: str, phase: str, marks: dict) -> None:
+def _mark_after(owner, name: str, phase: str, marks: dict, first: bool = False) -> None:
     """Wrap ``owner.name`` (function, method or classmethod): when it returns, record VmHWM and
-    VmRSS (MB) under ``phase`` (the last call wins: "steps" is after the last step)."""
+    VmRSS (MB) under ``phase`` (the last call wins: "steps" is after the last step; ``first``:
+    the first call wins)."""
     static = inspect.getattr_static(owner, name)
     func = static.__func__ if isinstance(static, classmethod) else getattr(owner, name)
 
     def wrapped(*a, **kw):
         out = func(*a, **kw)
-        marks[phase] = {"hwm_mb": common.proc_mb(os.getpid(), "VmHWM"), "rss_mb": common.rss_mb(os.getpid())}
+        if not (first and phase in marks):
+            marks[phase] = {"hwm_mb": common.proc_mb(os.getpid(), "VmHWM"), "rss_mb": common.rss_mb(os.getpid())}
         return out
 
     setattr(owner, name, classmethod(wrapped) if isinstance(static, classmethod) else wrapped)
@@ -56,6 +59,16 @@ def rank_main(args) -> None:
                                (trainer, "maybe_eval", "steps"),  # after every step, before its checkpoint
                                (Checkpointer, "save", "checkpoint"), (trainer, "export", "export")):
         _mark_after(owner, name, phase, marks)
+    import transformers.modeling_utils
+
+    import hncse_dist.export
+    import hncse_dist.st_modules
+
+    # inside the export: the state dict assembled, its weights written (the first file written;
+    # the second is sentence-transformers' re-save), the re-save done
+    _mark_after(hncse_dist.export, "master_state_dict", "export gather", marks)
+    _mark_after(transformers.modeling_utils, "safe_save_file", "export write", marks, first=True)
+    _mark_after(hncse_dist.st_modules, "save_with_library", "export st re-save", marks)
     if CONFIGS[args.variant]:  # DeepSpeed's update runs in its engine, called by Accelerator.backward
         from deepspeed.runtime.engine import DeepSpeedEngine
 

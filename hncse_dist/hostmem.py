@@ -8,7 +8,7 @@ gathered layers and reduce buckets), so after the first step blocks of those siz
 the heaps, which fragment: the process keeps what it freed and its resident memory climbs
 above what it holds. Fixing the threshold (``mallopt``, which also turns the rise off) keeps
 large blocks mapped and returned. Measured (BENCHMARKS.md, "ZeRO memory per rank"): bert-base
-shape at 4 CPU ranks, peak RSS per rank ZeRO-3 2689 -> 2068 MB, DDP 3170 -> 2970 MB.
+shape at 4 CPU ranks, peak RSS per rank ZeRO-3 2689 -> 2073 MB, DDP 3170 -> 2978 MB.
 
 On GPUs the tensors live in device memory (PyTorch's caching allocator), so this only changes
 the host side; on systems without glibc (musl, macOS) it does nothing.
