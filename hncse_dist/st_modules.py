@@ -19,7 +19,9 @@ sentence-transformers 3, which every later version reads. When sentence-transfor
 installed, ``save_with_library`` then loads the folder with it and saves it again, so that
 modules.json, config_sentence_transformers.json, sentence_bert_config.json and the module
 folders are the installed version's own; the backbone, its config and the tokenizer stay the
-exporter's (the library would add, for one, BERT's unused pooler).
+exporter's (the library would add, for one, BERT's unused pooler). The library's backbone is
+built on the meta device and not saved: the round trip reads and writes no weights (on the
+exporting rank of a ZeRO run it would otherwise hold one more copy of the model).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import contextlib
 import gc
 import inspect
 import json
+import logging
 import shutil
 import tempfile
 import warnings
@@ -166,15 +169,20 @@ def library():
 
 @contextlib.contextmanager
 def _quiet_transformers():
-    """No load report (BERT's pooler, which exports leave out) and no progress bars."""
+    """No load report (BERT's pooler, which exports leave out), no progress bars and no
+    sentence-transformers warning that ``device_map`` places the backbone."""
     from transformers.utils import logging as hf_logging
 
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    st_logger = logging.getLogger("sentence_transformers")
+    st_level = st_logger.level
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    st_logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
+        st_logger.setLevel(st_level)
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
@@ -199,16 +207,43 @@ def _whole_models():
             hf_deepspeed.set_hf_deepspeed_config(ref())
 
 
-def _load_kwargs(st_class) -> dict:
-    """Load on the CPU, in the dtype of the saved weights, from the local folder only."""
+def _load_kwargs(st_class, meta: bool = True) -> dict:
+    """Load from the local folder only, in the dtype of the saved weights; ``meta``: the
+    Transformer's backbone on the meta device (no weights read), else on the CPU."""
     import transformers
     from packaging import version
 
     dtype_key = "dtype" if version.parse(transformers.__version__) >= version.parse("4.56") else "torch_dtype"
     kwargs = {"device": "cpu", "model_kwargs": {dtype_key: "auto"}}
+    if meta:  # sentence-transformers 6 places the backbone by device_map, the rest on the CPU
+        kwargs["model_kwargs"]["device_map"] = "meta"
     if "local_files_only" in inspect.signature(st_class.__init__).parameters:
         kwargs["local_files_only"] = True
     return kwargs
+
+
+def _load_without_weights(st_class, folder: Path, layout: list[StModule]):
+    """``st_class(folder)`` with the Transformer module's backbone on the meta device and its
+    weights left out of ``save``; the other modules (which sentence-transformers 6 builds on
+    the meta device too) get their weights from ``layout``. Where the installed transformers
+    cannot build a model on the meta device (or the installed sentence-transformers moves it
+    to the CPU), loaded whole."""
+    try:
+        model = st_class(str(folder), **_load_kwargs(st_class))
+    except (ValueError, TypeError, RuntimeError, NotImplementedError):
+        return st_class(str(folder), **_load_kwargs(st_class, meta=False))
+    backbone = getattr(model[0], "auto_model", None)
+    if backbone is None or next(backbone.parameters()).device.type != "meta":
+        return model
+    for module, described in zip(list(model)[1:], layout[1:]):
+        if any(t.is_meta for t in module.state_dict().values()):
+            module.to_empty(device="cpu")
+            try:
+                module.load_state_dict(described.weights)
+            except RuntimeError:  # named otherwise by this version: read from the folder
+                return st_class(str(folder), **_load_kwargs(st_class, meta=False))
+    backbone.save_pretrained = lambda *args, **kwargs: None  # its folder keeps the exporter's files
+    return model
 
 
 def save_with_library(out: Path, layout: list[StModule]) -> None:
@@ -217,12 +252,12 @@ def save_with_library(out: Path, layout: list[StModule]) -> None:
     from sentence_transformers import SentenceTransformer
 
     with _quiet_transformers(), _whole_models():
-        model = SentenceTransformer(str(out), **_load_kwargs(SentenceTransformer))
+        model = _load_without_weights(SentenceTransformer, out, layout)
         with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-st-") as tmp:
             model.save(tmp, create_model_card=False)
-            # The loaded weights are views of the memory-mapped model.safetensors, and the
-            # library's modules hold reference cycles: without a collection here the mapping
-            # (the model's size, of a file the next export replaces) outlives every export.
+            # Loaded whole, the weights are views of the memory-mapped model.safetensors, and
+            # the library's modules hold reference cycles: without a collection here the
+            # mapping (the model's size, of a file the next export replaces) outlives every export.
             del model
             gc.collect()
             saved = Path(tmp)

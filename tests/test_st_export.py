@@ -322,3 +322,65 @@ def test_repeated_exports_keep_no_mapping_of_the_weights(models, tmp_path):
     for _ in range(3):
         enc.save_pretrained(out)
         assert mappings() == 0
+
+
+def _status_mb(key: str) -> float:
+    with open("/proc/self/status") as status:
+        return int(status.read().split(f"{key}:")[1].split()[0]) / 1024
+
+
+def test_the_library_re_save_does_not_load_the_weights(tmp_path):
+    """The re-save only takes the library's configuration files: loading the backbone for it
+    would hold the model's size more on the exporting rank (its peak under ZeRO, beside the
+    gathered state dict), and write a copy of it that is thrown away."""
+    from hncse_dist.st_modules import save_with_library, st_layout
+    from tests.fixtures import build_tiny_bert
+
+    # 30522 x 512 embeddings + 2 layers: 78 MB of fp32 weights
+    enc = Encoder.from_pretrained(build_tiny_bert(tmp_path / "bert", hidden=512, heads=8), pooler="avg")
+    out = tmp_path / "out"
+    enc.save_pretrained(out)
+    weights_mb = (out / "model.safetensors").stat().st_size / 2**20
+    assert weights_mb > 70
+    layout = st_layout("avg", 512, 2, 128, None)
+    before = {f: (out / f).read_bytes() for f in ("modules.json", "sentence_bert_config.json")}
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # the peak (VmHWM) starts again from the current RSS
+    base = _status_mb("VmRSS")
+    save_with_library(out, layout)
+    grew = _status_mb("VmHWM") - base
+    assert grew < 0.25 * weights_mb, f"the re-save's peak grew by {grew:.0f} MB ({weights_mb:.0f} MB of weights)"
+    assert {f: (out / f).read_bytes() for f in before} == before  # the same files as the full load wrote
+    assert not list(tmp_path.glob(".out-st-*"))  # no copy of the weights left behind
+
+
+def test_where_the_backbone_cannot_be_built_on_meta_the_re_save_loads_it_whole(models, tmp_path):
+    """Older transformers / sentence-transformers releases refuse a meta backbone (or move it to
+    the CPU, which a meta tensor cannot do): the re-save then loads the weights, as before."""
+    from sentence_transformers import SentenceTransformer
+
+    from hncse_dist.st_modules import _load_without_weights, st_layout
+
+    class NoMeta(SentenceTransformer):
+        def __init__(self, *args, model_kwargs=None, **kwargs):
+            if (model_kwargs or {}).get("device_map") == "meta":
+                raise NotImplementedError("Cannot copy out of meta tensor")
+            super().__init__(*args, model_kwargs=model_kwargs, **kwargs)
+
+    enc = encoder(models, "bert", "cls", mlp_only_train=False)
+    out = tmp_path / "out"
+    enc.save_pretrained(out)
+    config = enc.backbone.config
+    layout = st_layout("cls", config.hidden_size, config.num_hidden_layers, 128,
+                       {k[len("head."):]: v for k, v in enc.state_dict().items() if k.startswith("head.")})
+    whole, meta = _load_without_weights(NoMeta, out, layout), _load_without_weights(SentenceTransformer, out, layout)
+    assert next(whole[0].auto_model.parameters()).device.type == "cpu"
+    assert next(meta[0].auto_model.parameters()).device.type == "meta"
+    assert torch.equal(st_encode(whole), st_encode(st_model(out)))
+    for model, name in ((whole, "whole"), (meta, "meta")):
+        model.save(str(tmp_path / name), create_model_card=False)
+    assert (tmp_path / "whole" / "model.safetensors").is_file()
+    assert not (tmp_path / "meta" / "model.safetensors").exists()
+    for name in ("modules.json", "config_sentence_transformers.json", "sentence_bert_config.json",
+                 "1_Pooling/config.json", "2_Dense/config.json", "2_Dense/model.safetensors"):
+        assert filecmp.cmp(tmp_path / "whole" / name, tmp_path / "meta" / name, shallow=False), name
