@@ -398,6 +398,26 @@ class Encoder(nn.Module):
         finally:
             if bars:
                 hf_logging.enable_progress_bar()
+        self._finish_folder(out, state_dict, max_seq_length, card)
+
+    def save_beside_weights(self, out_dir: str | os.PathLike, head_state: dict, max_seq_length: int | None = None,
+                            card: dict | None = None) -> None:
+        """``save_pretrained``'s folder around the model.safetensors that the caller has written
+        (an export that streams the weights): config.json as transformers writes it with the
+        weights, and the companion files. ``head_state``: the ``head.`` entries of the state dict."""
+        import copy
+
+        from .model_card import check
+
+        check(card)
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        config = copy.deepcopy(self.backbone.config)
+        config.architectures = [type(self.backbone).__name__]  # what the model's save_pretrained records
+        config.save_pretrained(out)
+        self._finish_folder(out, head_state, max_seq_length, card)
+
+    def _finish_folder(self, out: Path, state_dict: dict, max_seq_length: int | None, card: dict | None) -> None:
         # SentenceTransformer's Transformer hands on the hidden layers where the pooler reads them
         hidden_states = needs_hidden_states(self.pooler)
         if hidden_states or getattr(self.backbone.config, "output_hidden_states", False):

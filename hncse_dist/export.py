@@ -5,6 +5,8 @@ folder that loads with transformers.AutoModel and sentence_transformers.Sentence
 from __future__ import annotations
 
 import json
+import math
+import struct
 from pathlib import Path
 
 import torch
@@ -124,21 +126,25 @@ def master_state_dict(acc, model, merge_lora: bool = True) -> dict[str, torch.Te
             return None
         state = {k: v.detach().cpu() for k, v in state.items()}
         return merge_lora_state(state, lora.scaling) if lora is not None and merge_lora else state
-    from deepspeed.utils import safe_get_full_fp32_param
-
     out: dict[str, torch.Tensor] = {}
     for name, t in module.state_dict(keep_vars=True).items():
-        if isinstance(t, torch.nn.Parameter):
-            full = safe_get_full_fp32_param(t)
-            if full is None:  # no fp32 master (frozen): the module's own copy, gathered under ZeRO-3
-                full = _gathered_copy(t)
-        else:
-            full = t.detach()
+        full = _full_fp32(t)
         if acc.is_main_process:
             out[name] = full.detach().cpu()
     if not acc.is_main_process:
         return None
     return merge_lora_state(out, lora.scaling) if lora is not None and merge_lora else out
+
+
+def _full_fp32(t: torch.Tensor) -> torch.Tensor:
+    """A DeepSpeed module's state-dict entry whole: a parameter's fp32 master (a collective on
+    every rank), a buffer as it is."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    if not isinstance(t, torch.nn.Parameter):
+        return t.detach()
+    full = safe_get_full_fp32_param(t)
+    return _gathered_copy(t) if full is None else full  # no fp32 master (frozen): the module's copy
 
 
 def _gathered_copy(param: torch.nn.Parameter) -> torch.Tensor:
@@ -162,9 +168,20 @@ def save_encoder(encoder: Encoder, out_dir: str | Path, state: dict[str, torch.T
     (transformers writes the dtype of the module, bf16 under DeepSpeed, not of the weights saved).
     ``max_seq_length``: None takes the card's run config's, else the model's limit; ``card``:
     the model card's facts (``hncse_dist.model_card``)."""
-    if max_seq_length is None and card and card.get("config"):
-        max_seq_length = card["config"].get("max_seq_length")
+    if max_seq_length is None:
+        max_seq_length = card_max_seq_length(card)
     encoder.save_pretrained(out_dir, state_dict=cast_state_dict(state, dtype), max_seq_length=max_seq_length, card=card)
+    name_dtype(out_dir, dtype)
+
+
+def card_max_seq_length(card: dict | None) -> int | None:
+    """The run's max_seq_length, from the model card's config (None without one)."""
+    return ((card or {}).get("config") or {}).get("max_seq_length")
+
+
+def name_dtype(out_dir: str | Path, dtype: str) -> None:
+    """config.json names the export's dtype (transformers writes the module's, bf16 under
+    DeepSpeed, not that of the weights saved)."""
     config_file = Path(out_dir) / "config.json"
     config = json.loads(config_file.read_text())
     config["dtype"] = str(EXPORT_DTYPES[dtype]).removeprefix("torch.")
@@ -187,7 +204,11 @@ def export_from_training(acc, model, out_dir: Path, dtype: str = "fp32", card: d
 def export_trained(acc, model, out_dir: Path, dtype: str = "fp32", card: dict | None = None) -> None:
     """``export_from_training`` for any encoder: a LoRA run writes what its ``lora_export``
     asks for, the merged model (``merged``), peft's adapter folder (``adapter``) or both (the
-    adapter in ``out_dir/adapter``). Every rank calls it; the main process writes."""
+    adapter in ``out_dir/adapter``). Every rank calls it; the main process writes. Under
+    DeepSpeed the weights are streamed (``stream_export``) where the encoder allows it."""
+    if streamable(acc, model):
+        stream_export(acc, model, out_dir, dtype, card=card)
+        return
     state = master_state_dict(acc, model, merge_lora=False)
     if acc.is_main_process:
         write_export(acc.unwrap_model(model), out_dir, state, dtype, card=card)
@@ -208,11 +229,107 @@ def write_export(encoder: Encoder, out_dir: str | Path, state: dict[str, torch.T
     if lora.export in ("adapter", "both"):
         out = Path(out_dir) / ADAPTER_SUBFOLDER if lora.export == "both" else Path(out_dir)
         write_adapter(out, state, lora, encoder.backbone, base_model_reference(encoder.backbone.config.name_or_path))
-        if max_seq_length is None and card and card.get("config"):
-            max_seq_length = card["config"].get("max_seq_length")
+        if max_seq_length is None:
+            max_seq_length = card_max_seq_length(card)
         # sentence-transformers' own re-save would load base + adapter to write them again (and
         # wants a newer peft than its loader does): its 3.x-format files are written directly.
         encoder.save_companion_files(out, {k: v.float() for k, v in state.items() if k.startswith("head.")},
                                      max_seq_length, card, st_library=False)
         if needs_hidden_states(encoder.pooler):  # the base model's config does not output them
             patch_json(out / ROOT_CONFIG, config_args={"output_hidden_states": True})
+
+
+# ------------------------------------------------------------------------------ streamed exports
+
+# safetensors' names of the dtypes a state dict holds
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+class SafetensorsStream:
+    """A safetensors file written one tensor at a time: the header (every name, dtype and shape,
+    known before any tensor is) first, then each tensor's bytes as it comes, in header order.
+    The file loads with ``safetensors.safe_open`` / ``load_file`` like one ``save_file`` wrote."""
+
+    def __init__(self, path: Path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]]):
+        header, offset = {}, 0
+        for name, (dtype, shape) in specs.items():
+            size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + size]}
+            offset += size
+        header["__metadata__"] = {"format": "pt"}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+        self.specs, self.pending = specs, list(specs)
+        self.file = open(path, "wb")
+        self.file.write(struct.pack("<Q", len(raw)) + raw)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        expected = self.pending.pop(0) if self.pending else None
+        if name != expected or (tensor.dtype, tuple(tensor.shape)) != self.specs[name]:
+            raise ValueError(f"{name} ({tensor.dtype}, {tuple(tensor.shape)}) written where the header has "
+                             f"{expected} {self.specs.get(expected)}")
+        self.file.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+    def close(self) -> None:
+        self.file.close()
+        if self.pending:
+            raise ValueError(f"{len(self.pending)} tensors never written, from {self.pending[0]}")
+
+
+def streamable(acc, model) -> bool:
+    """A DeepSpeed run whose encoder's state dict is plain: no LoRA adapters (a merge needs the
+    base weights and the adapters together), no tensor under two names (transformers keeps one
+    of tied weights), no remote code (transformers copies its files beside the weights)."""
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type != DistributedType.DEEPSPEED:
+        return False
+    module = acc.unwrap_model(model)
+    if getattr(module, "lora", None) is not None or getattr(module.backbone.config, "auto_map", None):
+        return False
+    tensors = list(module.state_dict(keep_vars=True).values())
+    return len({id(t) for t in tensors}) == len(tensors)
+
+
+def stream_export(acc, model, out_dir: Path, dtype: str = "fp32", card: dict | None = None) -> None:
+    """``export_trained`` of a DeepSpeed run without the whole state dict on the main process:
+    each fp32 master parameter is gathered (``master_state_dict``'s collective, one parameter
+    at a time, in the same order on every rank), cast to ``dtype`` and written at once, so the
+    main process holds one parameter beyond its training state, not a copy of the model. The
+    folder equals ``export_from_training``'s (``tests/test_deepspeed.py``)."""
+    module = acc.unwrap_model(model)
+    entries = module.state_dict(keep_vars=True)
+    target = EXPORT_DTYPES[dtype]
+    specs = {}
+    for name, t in entries.items():
+        if name.startswith("backbone."):
+            shape = tuple(getattr(t, "ds_shape", t.shape))
+            specs[name[len("backbone."):]] = (target if t.is_floating_point() else t.dtype, shape)
+    out = Path(out_dir)
+    stream = None
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        stream = SafetensorsStream(out / "model.safetensors", specs)
+    head: dict[str, torch.Tensor] = {}
+    try:
+        for name, t in entries.items():
+            full = _full_fp32(t)
+            if stream is None:
+                continue
+            full = full.detach().cpu()
+            full = full.to(target) if full.is_floating_point() else full
+            if name.startswith("backbone."):
+                stream.write(name[len("backbone."):], full)
+            else:
+                head[name] = full
+            del full
+    finally:
+        if stream is not None:
+            stream.close()
+    if acc.is_main_process:
+        module.save_beside_weights(out, head, card_max_seq_length(card), card=card)
+        name_dtype(out, dtype)
+    acc.wait_for_everyone()

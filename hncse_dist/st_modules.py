@@ -21,17 +21,24 @@ modules.json, config_sentence_transformers.json, sentence_bert_config.json and t
 folders are the installed version's own; the backbone, its config and the tokenizer stay the
 exporter's (the library would add, for one, BERT's unused pooler). The library's backbone is
 built on the meta device and not saved: the round trip reads and writes no weights (on the
-exporting rank of a ZeRO run it would otherwise hold one more copy of the model).
+exporting rank of a ZeRO run it would otherwise hold one more copy of the model), and it runs
+in a child process unless this one has imported the library already (the import alone holds
+~270 MB, which a training rank would keep after its first export).
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import importlib.metadata
+import importlib.util
 import inspect
 import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -158,13 +165,15 @@ def write_files(out: Path, layout: list[StModule]) -> None:
     (out / "config_sentence_transformers.json").write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
-def library():
-    """The installed sentence-transformers package, or None."""
-    try:
-        import sentence_transformers
-    except ImportError:
+def library_version() -> str | None:
+    """The installed sentence-transformers' version, or None; without importing it (an import
+    holds ~270 MB for the rest of the process: a training rank's memory)."""
+    if "sentence_transformers" in sys.modules:
+        module = sys.modules["sentence_transformers"]
+        return None if module is None else module.__version__
+    if importlib.util.find_spec("sentence_transformers") is None:
         return None
-    return sentence_transformers
+    return importlib.metadata.version("sentence-transformers")
 
 
 @contextlib.contextmanager
@@ -222,12 +231,14 @@ def _load_kwargs(st_class, meta: bool = True) -> dict:
     return kwargs
 
 
-def _load_without_weights(st_class, folder: Path, layout: list[StModule]):
+def _load_without_weights(st_class, folder: Path):
     """``st_class(folder)`` with the Transformer module's backbone on the meta device and its
     weights left out of ``save``; the other modules (which sentence-transformers 6 builds on
-    the meta device too) get their weights from ``layout``. Where the installed transformers
+    the meta device too) take theirs from their folders. Where the installed transformers
     cannot build a model on the meta device (or the installed sentence-transformers moves it
     to the CPU), loaded whole."""
+    from safetensors.torch import load_file
+
     try:
         model = st_class(str(folder), **_load_kwargs(st_class))
     except (ValueError, TypeError, RuntimeError, NotImplementedError):
@@ -235,24 +246,26 @@ def _load_without_weights(st_class, folder: Path, layout: list[StModule]):
     backbone = getattr(model[0], "auto_model", None)
     if backbone is None or next(backbone.parameters()).device.type != "meta":
         return model
-    for module, described in zip(list(model)[1:], layout[1:]):
+    entries = json.loads((folder / "modules.json").read_text())
+    for module, entry in zip(list(model)[1:], entries[1:]):
         if any(t.is_meta for t in module.state_dict().values()):
             module.to_empty(device="cpu")
             try:
-                module.load_state_dict(described.weights)
-            except RuntimeError:  # named otherwise by this version: read from the folder
+                module.load_state_dict(load_file(str(folder / entry["path"] / "model.safetensors")))
+            except (RuntimeError, OSError):  # named or stored otherwise by this version: loaded whole
                 return st_class(str(folder), **_load_kwargs(st_class, meta=False))
     backbone.save_pretrained = lambda *args, **kwargs: None  # its folder keeps the exporter's files
     return model
 
 
-def save_with_library(out: Path, layout: list[StModule]) -> None:
-    """Load ``out`` (written by ``write_files``) with sentence-transformers and save it again;
-    keep the library's sentence-transformers files, not its copy of the backbone."""
+def resave(out: Path) -> None:
+    """Load ``out`` (written by ``write_files``) with sentence-transformers, in this process,
+    and save it again; keep the library's sentence-transformers files, not its backbone."""
     from sentence_transformers import SentenceTransformer
 
+    ours = {e["path"] for e in json.loads((out / "modules.json").read_text()) if e["path"]}
     with _quiet_transformers(), _whole_models():
-        model = _load_without_weights(SentenceTransformer, out, layout)
+        model = _load_without_weights(SentenceTransformer, out)
         with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-st-") as tmp:
             model.save(tmp, create_model_card=False)
             # Loaded whole, the weights are views of the memory-mapped model.safetensors, and
@@ -261,9 +274,8 @@ def save_with_library(out: Path, layout: list[StModule]) -> None:
             del model
             gc.collect()
             saved = Path(tmp)
-            entries = json.loads((saved / "modules.json").read_text())
-            folders = {e["path"] for e in entries if e["path"]}
-            for stale in {module_path(i, m) for i, m in enumerate(layout) if i} - folders:
+            folders = {e["path"] for e in json.loads((saved / "modules.json").read_text()) if e["path"]}
+            for stale in ours - folders:
                 shutil.rmtree(out / stale, ignore_errors=True)
             for path in folders:
                 shutil.rmtree(out / path, ignore_errors=True)
@@ -272,16 +284,37 @@ def save_with_library(out: Path, layout: list[StModule]) -> None:
                 shutil.copyfile(saved / name, out / name)
 
 
+def save_with_library(out: Path, timeout: float = 600) -> None:
+    """``resave(out)``: here when this process has imported sentence-transformers already, else
+    in a child process, so that a training rank does not keep the library's memory after its
+    first export."""
+    if sys.modules.get("sentence_transformers") is not None:
+        resave(out)
+        return
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join(filter(None, (str(Path(__file__).resolve().parents[1]),
+                                                         os.environ.get("PYTHONPATH")))))
+    child = subprocess.run([sys.executable, "-m", "hncse_dist.st_modules", str(out)], env=env,
+                           capture_output=True, text=True, timeout=timeout)
+    if child.returncode != 0:
+        lines = (child.stderr or child.stdout).strip().splitlines()
+        raise RuntimeError(lines[-1] if lines else f"the re-save exited {child.returncode}")
+
+
 def write_sentence_transformers_files(out: Path, layout: list[StModule], use_library: bool = True) -> None:
     """The folder's sentence-transformers files: through the installed library when there is
     one (and ``use_library``), else in sentence-transformers 3's format."""
     write_files(out, layout)
-    st = library() if use_library else None
-    if st is None:
+    version = library_version() if use_library else None
+    if version is None:
         return
     try:
-        save_with_library(out, layout)
+        save_with_library(out)
     except Exception as err:  # noqa: BLE001 - the files written above still load
-        warnings.warn(f"sentence-transformers {st.__version__} could not re-save {out} "
+        warnings.warn(f"sentence-transformers {version} could not re-save {out} "
                       f"({type(err).__name__}: {err}); its files stay in the sentence-transformers "
                       f"{FORMAT_VERSION} format", stacklevel=2)
+
+
+if __name__ == "__main__":  # save_with_library's child process: python -m hncse_dist.st_modules FOLDER
+    resave(Path(sys.argv[1]))

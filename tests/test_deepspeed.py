@@ -4,6 +4,7 @@ tolerance, cls and avg poolers); exports hold the fp32 master weights and equal 
 export' of the checkpoint; ZeRO-3 loads the model partitioned, head included, in one dtype."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -164,3 +165,46 @@ def test_zero3_fp16_loads_partitioned_in_one_dtype(tmp_path, tiny_bert):
         assert r["all_partitioned"] and r["materialised_elements"] == 0  # nothing whole on any rank
         assert r["held_elements"] == pytest.approx(r["full_elements"] / 2, rel=0.01)  # each rank holds half
         assert r["dtypes"] == r["head_dtypes"] == [dtype]
+
+
+@pytest.mark.slow
+@pytest.mark.deepspeed
+@pytest.mark.dist
+def test_the_export_streams_the_weights_instead_of_holding_them(tmp_path):
+    """Gathering the whole fp32 state dict on the main process before writing it held the
+    model's size over the training state there (a 7B encoder: 28 GB more on one rank); the
+    streamed export holds about one parameter (the gather's buffers: twice the largest) and
+    writes the same folder. ZeRO-3 (ZeRO-1/2 stream through the same code: their exports are
+    compared with ``hncse-dist export`` above)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from tests.fixtures import build_tiny_bert
+    from tests.launch import torchrun
+
+    model = Path(build_tiny_bert(tmp_path / "bert", hidden=384, layers=24, heads=6, ffn=1536))
+    with safe_open(str(model / "model.safetensors"), "pt") as f:
+        sizes = [math.prod(f.get_slice(k).get_shape()) * 4 / 2**20 for k in f.keys()]
+    weights_mb, largest_mb = sum(sizes), max(sizes)
+    assert weights_mb > 200 and largest_mb < 0.25 * weights_mb  # 24 layers: the embeddings are 30522 x 384
+    out = tmp_path / "out"
+    grew = {}
+    for mode in ("whole", "streamed"):
+        torchrun(2, ["tests/scripts/zero_export_memory.py", str(model), "ds_configs/zero3.json", "bf16", mode,
+                     str(out)], timeout=600)
+        main = json.loads((out / f"{mode}-rank0.json").read_text())
+        assert main["streamable"]
+        grew[mode] = main["grew_mb"]
+    assert grew["whole"] > 0.9 * weights_mb, grew  # the measurement sees the held copy
+    assert grew["streamed"] < 2.5 * largest_mb + 8, grew
+    streamed, whole = out / "streamed", out / "whole"
+    files = sorted(str(p.relative_to(whole)) for p in whole.rglob("*") if p.is_file())
+    assert files == sorted(str(p.relative_to(streamed)) for p in streamed.rglob("*") if p.is_file())
+    a, b = load_file(str(streamed / "model.safetensors")), load_file(str(whole / "model.safetensors"))
+    assert a.keys() == b.keys() and {v.dtype for v in a.values()} == {torch.float32}
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    for name in files:
+        if name != "model.safetensors":
+            assert (streamed / name).read_bytes() == (whole / name).read_bytes(), name
+    assert json.loads((streamed / "tokenizer_config.json").read_text())["model_max_length"] == 40  # the card's

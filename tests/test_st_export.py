@@ -333,7 +333,7 @@ def test_the_library_re_save_does_not_load_the_weights(tmp_path):
     """The re-save only takes the library's configuration files: loading the backbone for it
     would hold the model's size more on the exporting rank (its peak under ZeRO, beside the
     gathered state dict), and write a copy of it that is thrown away."""
-    from hncse_dist.st_modules import save_with_library, st_layout
+    from hncse_dist.st_modules import resave
     from tests.fixtures import build_tiny_bert
 
     # 30522 x 512 embeddings + 2 layers: 78 MB of fp32 weights
@@ -342,12 +342,11 @@ def test_the_library_re_save_does_not_load_the_weights(tmp_path):
     enc.save_pretrained(out)
     weights_mb = (out / "model.safetensors").stat().st_size / 2**20
     assert weights_mb > 70
-    layout = st_layout("avg", 512, 2, 128, None)
     before = {f: (out / f).read_bytes() for f in ("modules.json", "sentence_bert_config.json")}
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")  # the peak (VmHWM) starts again from the current RSS
     base = _status_mb("VmRSS")
-    save_with_library(out, layout)
+    resave(out)
     grew = _status_mb("VmHWM") - base
     assert grew < 0.25 * weights_mb, f"the re-save's peak grew by {grew:.0f} MB ({weights_mb:.0f} MB of weights)"
     assert {f: (out / f).read_bytes() for f in before} == before  # the same files as the full load wrote
@@ -359,7 +358,7 @@ def test_where_the_backbone_cannot_be_built_on_meta_the_re_save_loads_it_whole(m
     the CPU, which a meta tensor cannot do): the re-save then loads the weights, as before."""
     from sentence_transformers import SentenceTransformer
 
-    from hncse_dist.st_modules import _load_without_weights, st_layout
+    from hncse_dist.st_modules import _load_without_weights
 
     class NoMeta(SentenceTransformer):
         def __init__(self, *args, model_kwargs=None, **kwargs):
@@ -370,10 +369,7 @@ def test_where_the_backbone_cannot_be_built_on_meta_the_re_save_loads_it_whole(m
     enc = encoder(models, "bert", "cls", mlp_only_train=False)
     out = tmp_path / "out"
     enc.save_pretrained(out)
-    config = enc.backbone.config
-    layout = st_layout("cls", config.hidden_size, config.num_hidden_layers, 128,
-                       {k[len("head."):]: v for k, v in enc.state_dict().items() if k.startswith("head.")})
-    whole, meta = _load_without_weights(NoMeta, out, layout), _load_without_weights(SentenceTransformer, out, layout)
+    whole, meta = _load_without_weights(NoMeta, out), _load_without_weights(SentenceTransformer, out)
     assert next(whole[0].auto_model.parameters()).device.type == "cpu"
     assert next(meta[0].auto_model.parameters()).device.type == "meta"
     assert torch.equal(st_encode(whole), st_encode(st_model(out)))
@@ -384,3 +380,31 @@ def test_where_the_backbone_cannot_be_built_on_meta_the_re_save_loads_it_whole(m
     for name in ("modules.json", "config_sentence_transformers.json", "sentence_bert_config.json",
                  "1_Pooling/config.json", "2_Dense/config.json", "2_Dense/model.safetensors"):
         assert filecmp.cmp(tmp_path / "whole" / name, tmp_path / "meta" / name, shallow=False), name
+
+
+def test_a_process_without_the_library_imported_re_saves_in_a_child(tiny_bert, tmp_path):
+    """Importing sentence-transformers holds ~270 MB for the rest of a process: a training rank
+    that exports must not import it; the re-save then runs in a child and writes the same files."""
+    import subprocess
+    import sys
+
+    import sentence_transformers
+
+    from tests.launch import REPO, child_env
+
+    here = tmp_path / "here"
+    Encoder.from_pretrained(tiny_bert, pooler="cls", mlp_only_train=False).save_pretrained(here)
+    script = ("import sys, json; from hncse_dist.encoder import Encoder; "
+              f"Encoder.from_pretrained({str(here)!r}, pooler=None).save_pretrained({str(tmp_path / 'child')!r}); "
+              "print(json.dumps('sentence_transformers' in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=child_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "false"  # the exporting process never imported it
+    assert "could not re-save" not in proc.stderr
+    child = tmp_path / "child"
+    version = json.loads((child / "config_sentence_transformers.json").read_text())["__version__"]
+    assert version["sentence_transformers"] == sentence_transformers.__version__  # the library's files
+    assert _files(child) == _files(here)
+    for name in _files(here) - {"README.md"}:
+        assert filecmp.cmp(child / name, here / name, shallow=False), name
