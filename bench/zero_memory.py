@@ -22,7 +22,7 @@ SHAPES = {"large": (1024, 24), "base": (768, 12), "small": (256, 4)}  # hidden, 
 CONFIGS = {"ddp": None, "zero1": "ds_configs/zero1.json", "zero2": "ds_configs/zero2.json",
            "zero3": "ds_configs/zero3.json"}
 PHASES = ("accelerator", "load", "prepare", "forward", "backward", "update", "steps", "checkpoint",
-          "export gather", "export write", "export st re-save", "export")
+          "export weights", "export st re-save", "export")
 
 
 def _mark_after(owner, name: str, phase: str, marks: dict, first: bool = False) -> None:
@@ -64,10 +64,10 @@ def rank_main(args) -> None:
     import hncse_dist.export
     import hncse_dist.st_modules
 
-    # inside the export: the state dict assembled, its weights written (the first file written;
-    # the second is sentence-transformers' re-save), the re-save done
-    _mark_after(hncse_dist.export, "master_state_dict", "export gather", marks)
-    _mark_after(transformers.modeling_utils, "safe_save_file", "export write", marks, first=True)
+    # inside the export: the weights written (DeepSpeed: streamed; DDP: transformers' save of the
+    # state dict), sentence-transformers' re-save done (a child process unless imported here)
+    _mark_after(hncse_dist.export.SafetensorsStream, "close", "export weights", marks)
+    _mark_after(transformers.modeling_utils, "safe_save_file", "export weights", marks, first=True)
     _mark_after(hncse_dist.st_modules, "save_with_library", "export st re-save", marks)
     if CONFIGS[args.variant]:  # DeepSpeed's update runs in its engine, called by Accelerator.backward
         from deepspeed.runtime.engine import DeepSpeedEngine
