@@ -291,3 +291,24 @@ def test_launcher_preflight_makes_the_training_checks_without_weights(models):
         check_model_setup(models("mistral"), "cls", dropout=0.1)
     with pytest.raises(ModelSetupError, match="append_eos='maybe': use auto, true or false"):
         check_model_setup(models("llama"), "last", dropout=0.1, append_eos="maybe")
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "roberta", "xlm-roberta", "deberta-v2", "modernbert"])
+def test_the_folder_around_streamed_weights_equals_save_pretrained(models, tmp_path, kind):
+    """A DeepSpeed export streams model.safetensors itself and writes the rest of the folder with
+    ``save_beside_weights``: config.json and every other file as ``save_pretrained`` writes them."""
+    import filecmp
+    import shutil
+
+    from tests.model_families import DECODERS
+
+    enc = Encoder.from_pretrained(models(kind), pooler="last" if kind in DECODERS else "avg")
+    whole, beside = tmp_path / "whole", tmp_path / "beside"
+    enc.save_pretrained(whole)
+    beside.mkdir()
+    shutil.copy(whole / "model.safetensors", beside)
+    enc.save_beside_weights(beside, {})
+    files = sorted(p.relative_to(whole) for p in whole.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(beside) for p in beside.rglob("*") if p.is_file())
+    for name in files:
+        assert filecmp.cmp(whole / name, beside / name, shallow=False), name
