@@ -127,11 +127,12 @@ def run_variant(args, variant: str, model: str, corpus: Path, tmp: Path) -> dict
 
 def table(result: dict) -> str:
     runs = result["runs"]
-    base = next((r for r in runs if r["variant"] == "ddp" and "error" not in r and r["precision"] == "fp32"), None)
-    base_rss = max(r["peak_rss_mb"] for r in base["ranks"]) if base else None
-    base_pss = sum(r["peak_pss_rank_and_workers_mb"] for r in base["ranks"]) if base else None
     rows = []
-    for run in runs:
+    for run in runs:  # each against DDP in its precision
+        base = next((r for r in runs if r["variant"] == "ddp" and "error" not in r
+                     and r["precision"] == run["precision"]), None)
+        base_rss = max(r["peak_rss_mb"] for r in base["ranks"]) if base else None
+        base_pss = sum(r["peak_pss_rank_and_workers_mb"] for r in base["ranks"]) if base else None
         if "error" in run:
             rows.append([run["variant"], run["precision"], run["error"]] + [""] * (4 + len(PHASES)))
             continue
