@@ -77,7 +77,8 @@ def rank_main(args) -> None:
                  f"batch_size={args.batch_size}", f"max_seq_length={args.max_length}", f"max_steps={args.steps}",
                  "log_every=1", "eval_file=null", "save_every=0", f"num_workers={args.num_workers}",
                  "progress=false", "objective=hncse", "bank_size=4", f"mixed_precision={args.precision}",
-                 f"malloc_mmap_threshold_mb={args.malloc_mmap_threshold_mb}"]
+                 f"malloc_mmap_threshold_mb={args.malloc_mmap_threshold_mb}",
+                 "export_st_resave=child"]  # every variant alike (auto: DeepSpeed only)
     if CONFIGS[args.variant]:
         overrides.append(f"deepspeed={CONFIGS[args.variant]}")
     if args.gradient_checkpointing:

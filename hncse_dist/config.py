@@ -121,6 +121,11 @@ class TrainConfig(ObjectiveConfig):
     keep_last: int = 2
     save_best: bool = True  # export the best STS-B dev model to output_dir/best
     export_dtype: str = "fp32"  # fp32 | bf16 | fp16: weights of best/ and final/ (from the fp32 master weights under DeepSpeed)
+    # where sentence-transformers re-saves each export's files (hncse_dist/st_modules.py): "child",
+    # a child process (~8 s an export on a CPU; the training process never imports the library,
+    # whose import holds ~270 MB for the rest of the run), or "here", this process (~0.5 s).
+    # auto: child under DeepSpeed (runs chosen for memory per rank), here otherwise.
+    export_st_resave: str = "auto"
     resume: str | None = None  # "latest" or a checkpoint folder
     overwrite: bool = False  # replace the run already in output_dir (without it, such a folder is refused)
     deepspeed: str | None = None  # ds_configs/zero2.json etc.
@@ -166,6 +171,8 @@ class TrainConfig(ObjectiveConfig):
                                   "for the model family's defaults")
         if self.export_dtype not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"export_dtype={self.export_dtype!r}: use one of fp32, bf16, fp16")
+        if self.export_st_resave not in ("auto", "child", "here"):
+            raise ConfigError(f"export_st_resave={self.export_st_resave!r}: use one of auto, child, here")
         if self.train_file is None and self.train_shards is None:
             raise ConfigError("no training data: set train_file=PATH (one sentence per line) or train_shards=DIR")
         if self.train_file is not None and not Path(self.train_file).is_file():

@@ -21,9 +21,9 @@ modules.json, config_sentence_transformers.json, sentence_bert_config.json and t
 folders are the installed version's own; the backbone, its config and the tokenizer stay the
 exporter's (the library would add, for one, BERT's unused pooler). The library's backbone is
 built on the meta device and not saved: the round trip reads and writes no weights (on the
-exporting rank of a ZeRO run it would otherwise hold one more copy of the model), and it runs
-in a child process unless this one has imported the library already (the import alone holds
-~270 MB, which a training rank would keep after its first export).
+exporting rank of a ZeRO run it would otherwise hold one more copy of the model). A trainer
+may have it run in a child process (``set_resave_in_child``; ``export_st_resave``): the import
+alone holds ~270 MB, which a training rank would keep after its first export.
 """
 
 from __future__ import annotations
@@ -284,11 +284,20 @@ def resave(out: Path) -> None:
                 shutil.copyfile(saved / name, out / name)
 
 
+_RESAVE = {"in_child": False}
+
+
+def set_resave_in_child(in_child: bool) -> None:
+    """Where ``save_with_library`` re-saves from now on in this process (the trainer sets it
+    from ``export_st_resave``): a child process, or this one (the default)."""
+    _RESAVE["in_child"] = bool(in_child)
+
+
 def save_with_library(out: Path, timeout: float = 600) -> None:
-    """``resave(out)``: here when this process has imported sentence-transformers already, else
-    in a child process, so that a training rank does not keep the library's memory after its
-    first export."""
-    if sys.modules.get("sentence_transformers") is not None:
+    """``resave(out)``: in a child process where ``set_resave_in_child`` asked for it and this
+    process has not imported sentence-transformers (a training rank then never keeps the
+    library's memory, at ~8 s an export on a CPU), else here."""
+    if not _RESAVE["in_child"] or sys.modules.get("sentence_transformers") is not None:
         resave(out)
         return
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",

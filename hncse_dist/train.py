@@ -24,6 +24,7 @@ from .config import ConfigError, TrainConfig, check_eval_file, startup_checks
 from .encoder import Encoder, ModelSetupError, require_dropout
 from .gather import all_ranks_agree, any_rank
 from .hostmem import set_mmap_threshold
+from .st_modules import set_resave_in_child
 from .launch_env import setup_launch_env
 from .lora import LoraSettings
 from .metrics import (STSB_DEV_KEY, FlopsModel, MetricsLog, MetricsWindow, hparams_of, memory_gb, parse_report_to,
@@ -261,6 +262,7 @@ class Trainer:
         if adopted:
             cfg.validate()
         set_mmap_threshold(malloc_threshold_mb(cfg))  # before anything large is allocated
+        set_resave_in_child(resave_in_child(cfg))
         setup_launch_env()  # srun-native launch: RANK/WORLD_SIZE/... from SLURM_* (hncse_dist/launch_env.py)
         startup_checks(cfg)  # the model's config and the machine, before any weights load
         self.preempt = PreemptionFlag()
@@ -554,6 +556,11 @@ def malloc_threshold_mb(cfg: TrainConfig) -> float:
     if cfg.malloc_mmap_threshold_mb is not None:
         return cfg.malloc_mmap_threshold_mb
     return 1.0 if cfg.deepspeed else 0.0
+
+
+def resave_in_child(cfg: TrainConfig) -> bool:
+    """``export_st_resave``, its auto value resolved: a child process under DeepSpeed."""
+    return cfg.export_st_resave == "child" or (cfg.export_st_resave == "auto" and bool(cfg.deepspeed))
 
 
 def train(cfg: TrainConfig) -> int:

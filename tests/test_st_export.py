@@ -384,7 +384,8 @@ def test_where_the_backbone_cannot_be_built_on_meta_the_re_save_loads_it_whole(m
 
 def test_a_process_without_the_library_imported_re_saves_in_a_child(tiny_bert, tmp_path):
     """Importing sentence-transformers holds ~270 MB for the rest of a process: a training rank
-    that exports must not import it; the re-save then runs in a child and writes the same files."""
+    that exports need not import it (``export_st_resave``, auto under DeepSpeed); the re-save then
+    runs in a child and writes the same files."""
     import subprocess
     import sys
 
@@ -395,6 +396,7 @@ def test_a_process_without_the_library_imported_re_saves_in_a_child(tiny_bert, t
     here = tmp_path / "here"
     Encoder.from_pretrained(tiny_bert, pooler="cls", mlp_only_train=False).save_pretrained(here)
     script = ("import sys, json; from hncse_dist.encoder import Encoder; "
+              "from hncse_dist.st_modules import set_resave_in_child; set_resave_in_child(True); "
               f"Encoder.from_pretrained({str(here)!r}, pooler=None).save_pretrained({str(tmp_path / 'child')!r}); "
               "print(json.dumps('sentence_transformers' in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=child_env(), capture_output=True, text=True,

@@ -13,7 +13,7 @@ import hncse_dist.train
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hncse_dist.bank import NegativeBank
-from hncse_dist.config import TrainConfig
+from hncse_dist.config import ConfigError, TrainConfig
 from hncse_dist.objective import HncseLoss
 from hncse_dist.train import Trainer, contrastive_step
 
@@ -183,3 +183,15 @@ def test_the_trainer_sets_the_configured_malloc_threshold(make_trainer, monkeypa
     make_trainer()  # auto, without DeepSpeed: glibc's default
     assert calls == [2.5, 0, 0]
     assert hncse_dist.train.malloc_threshold_mb(TrainConfig(deepspeed="ds_configs/zero3.json")) == 1.0
+
+
+def test_the_trainer_sets_where_exports_are_re_saved(make_trainer, monkeypatch):
+    calls = []
+    monkeypatch.setattr(hncse_dist.train, "set_resave_in_child", lambda flag: calls.append(flag))
+    make_trainer(export_st_resave="child")
+    make_trainer(export_st_resave="here")
+    make_trainer()  # auto, without DeepSpeed: here
+    assert calls == [True, False, False]
+    assert hncse_dist.train.resave_in_child(TrainConfig(deepspeed="ds_configs/zero3.json"))
+    with pytest.raises(ConfigError, match="export_st_resave='elsewhere': use one of auto, child, here"):
+        TrainConfig(export_st_resave="elsewhere").validate()

@@ -25,9 +25,11 @@ def main():
     from hncse_dist.encoder import Encoder
     from hncse_dist.export import master_state_dict, stream_export, streamable, write_export
     from hncse_dist.hostmem import set_mmap_threshold
+    from hncse_dist.st_modules import set_resave_in_child
     from hncse_dist.train import make_accelerator
 
     set_mmap_threshold(1)  # as the trainer does under DeepSpeed
+    set_resave_in_child(True)
     cfg = TrainConfig(model_name_or_path=model, deepspeed=ds_config, mixed_precision=precision)
     acc = make_accelerator(cfg)
     enc = Encoder.from_pretrained(model, "avg")
