@@ -65,7 +65,7 @@ def rank_main(args) -> None:
     import hncse_dist.st_modules
 
     # inside the export: the weights written (DeepSpeed: streamed; DDP: transformers' save of the
-    # state dict), sentence-transformers' re-save done (a child process unless imported here)
+    # state dict), sentence-transformers' re-save done (a child process: export_st_resave=child)
     _mark_after(hncse_dist.export.SafetensorsStream, "close", "export weights", marks)
     _mark_after(transformers.modeling_utils, "safe_save_file", "export weights", marks, first=True)
     _mark_after(hncse_dist.st_modules, "save_with_library", "export st re-save", marks)

@@ -158,8 +158,11 @@ def _gathered_copy(param: torch.nn.Parameter) -> torch.Tensor:
 
 def cast_state_dict(state: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
     """Floating tensors to ``export_dtype`` (integer buffers stay as they are)."""
-    target = EXPORT_DTYPES[dtype]
-    return {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
+    return {k: _cast(v, EXPORT_DTYPES[dtype]) for k, v in state.items()}
+
+
+def _cast(t: torch.Tensor, target: torch.dtype) -> torch.Tensor:
+    return t.to(target) if t.is_floating_point() else t
 
 
 def save_encoder(encoder: Encoder, out_dir: str | Path, state: dict[str, torch.Tensor], dtype: str = "fp32",
@@ -298,8 +301,9 @@ def stream_export(acc, model, out_dir: Path, dtype: str = "fp32", card: dict | N
     """``export_trained`` of a DeepSpeed run without the whole state dict on the main process:
     each fp32 master parameter is gathered (``master_state_dict``'s collective, one parameter
     at a time, in the same order on every rank), cast to ``dtype`` and written at once, so the
-    main process holds one parameter beyond its training state, not a copy of the model. The
-    folder equals ``export_from_training``'s (``tests/test_deepspeed.py``)."""
+    main process holds about twice the largest parameter (the gather's buffers) beyond its
+    training state, not a copy of the model. The folder equals ``export_from_training``'s
+    (``tests/test_deepspeed.py``)."""
     module = acc.unwrap_model(model)
     entries = module.state_dict(keep_vars=True)
     target = EXPORT_DTYPES[dtype]
@@ -319,8 +323,7 @@ def stream_export(acc, model, out_dir: Path, dtype: str = "fp32", card: dict | N
             full = _full_fp32(t)
             if stream is None:
                 continue
-            full = full.detach().cpu()
-            full = full.to(target) if full.is_floating_point() else full
+            full = _cast(full.detach().cpu(), target)
             if name.startswith("backbone."):
                 stream.write(name[len("backbone."):], full)
             else:

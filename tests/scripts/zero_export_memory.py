@@ -13,10 +13,7 @@ from pathlib import Path
 
 import torch
 
-
-def status_mb(key: str) -> float:
-    with open("/proc/self/status") as status:
-        return int(status.read().split(f"{key}:")[1].split()[0]) / 1024
+from tests.fixtures import reset_peak_rss, status_mb
 
 
 def main():
@@ -48,9 +45,7 @@ def main():
         acc.wait_for_everyone()
 
     acc.wait_for_everyone()
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")
-    base = status_mb("VmRSS")
+    base = reset_peak_rss()
     export(out / mode)
     record = {"grew_mb": status_mb("VmHWM") - base, "streamable": streamable(acc, enc)}
     (out / f"{mode}-rank{acc.process_index}.json").write_text(json.dumps(record))
