@@ -195,7 +195,9 @@ def test_the_export_streams_the_weights_instead_of_holding_them(tmp_path):
         main = json.loads((out / f"{mode}-rank0.json").read_text())
         assert main["streamable"]
         grew[mode] = main["grew_mb"]
-    assert grew["whole"] > 0.9 * weights_mb, grew  # the measurement sees the held copy
+    # the measurement sees the held copy: 183-186 MiB of the 207 on CI machines (pages the allocator
+    # reuses from the gather are not counted twice), far above what the streamed export may grow
+    assert grew["whole"] > 0.75 * weights_mb > 2.5 * largest_mb + 8, grew
     assert grew["streamed"] < 2.5 * largest_mb + 8, grew
     streamed, whole = out / "streamed", out / "whole"
     files = sorted(str(p.relative_to(whole)) for p in whole.rglob("*") if p.is_file())
