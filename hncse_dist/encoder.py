@@ -24,7 +24,8 @@ from torch import nn
 
 from .families import (ModelSetupError, check_pooler, is_causal, model_name, prepare_tokenizer,  # noqa: F401
                        require_dropout, set_dropout)
-from .model_path import PACKAGED_MODEL_NAMES, POOLERS, check_model_path, resolve_model_path  # noqa: F401
+from .model_path import (PACKAGED_MODEL_NAMES, POOLERS, backbone_load_kwargs, check_model_path,  # noqa: F401
+                         resolve_model_path)
 from .lora import LoraSettings, adapter_base, apply_lora, lora_note, merge_adapter_folder
 from .packed import Packing, packed_forward, right_padded, supports_packing
 from .st_modules import model_max_length, needs_hidden_states, patch_json, st_layout
@@ -206,6 +207,7 @@ class Encoder(nn.Module):
             meta = json.loads(saved.read_text())
             pooler, mlp_only_train = meta["pooler"], meta["mlp_only_train"]
         config = AutoConfig.from_pretrained(weights_path)
+        model_kwargs = {**backbone_load_kwargs(), **model_kwargs}
         dropout_keys = set_dropout(config, dropout) if dropout is not None else []
         from transformers.utils import logging as hf_logging
 

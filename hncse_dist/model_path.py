@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 from pathlib import Path
 
@@ -33,3 +34,16 @@ def check_model_path(path: str) -> None:
             f"{path} is not a Hugging Face model folder (no config.json): pass a folder written "
             "by save_pretrained / 'hncse-dist export', or a hub name such as bert-base-uncased"
         )
+
+
+def backbone_load_kwargs() -> dict:
+    """Keyword arguments for every ``from_pretrained`` of a backbone: transformers 5 takes
+    ``use_kernels``, and from 5.25 it defaults to on, replacing layers at load time with kernels
+    fetched from the Hugging Face hub (a download on every load, other numerics than the model's
+    own layers, and no model on the meta device). The encoder trains and exports the model's own
+    layers: off."""
+    try:
+        major = int(importlib.metadata.version("transformers").split(".")[0])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return {}
+    return {"use_kernels": False} if major >= 5 else {}

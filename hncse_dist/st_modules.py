@@ -47,6 +47,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .model_path import backbone_load_kwargs
+
 ROOT_CONFIG = "sentence_bert_config.json"  # the Transformer module's file, in the folder's root
 # The format written without the library: sentence-transformers 3's, which versions 3 to 6 load.
 FORMAT_VERSION = "3.0.0"
@@ -223,7 +225,7 @@ def _load_kwargs(st_class, meta: bool = True) -> dict:
     from packaging import version
 
     dtype_key = "dtype" if version.parse(transformers.__version__) >= version.parse("4.56") else "torch_dtype"
-    kwargs = {"device": "cpu", "model_kwargs": {dtype_key: "auto"}}
+    kwargs = {"device": "cpu", "model_kwargs": {dtype_key: "auto", **backbone_load_kwargs()}}
     if meta:  # sentence-transformers 6 places the backbone by device_map, the rest on the CPU
         kwargs["model_kwargs"]["device_map"] = "meta"
     if "local_files_only" in inspect.signature(st_class.__init__).parameters:

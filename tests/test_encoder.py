@@ -84,3 +84,23 @@ def test_encode_dedupes_and_keeps_order(tiny_bert):
 def test_not_a_model_folder_names_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a Hugging Face model folder"):
         Encoder.from_pretrained(str(tmp_path))
+
+
+def test_the_backbone_keeps_its_own_layers(tiny_bert, monkeypatch):
+    """transformers 5.25 turned hub kernels on by default: every load replaced layers with kernels
+    fetched from the hub (none on the meta device, so the export's re-save read the weights). The
+    encoder asks for the model's own layers, and a caller may still choose."""
+    from transformers import AutoModel
+
+    seen = []
+    real = AutoModel.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        seen.append(kwargs.get("use_kernels"))
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModel, "from_pretrained", classmethod(spy))
+    enc = Encoder.from_pretrained(tiny_bert, pooler="cls")
+    assert seen == [False] and not getattr(enc.backbone, "use_kernels", False)
+    Encoder.from_pretrained(tiny_bert, pooler="cls", use_kernels=None)
+    assert seen[-1] is None
